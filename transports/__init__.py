@@ -1,0 +1,42 @@
+"""Transports: one interface (:mod:`.base`), several implementations.
+
+Built-in names: ``local`` (threads in one process), ``torch`` (torch.distributed: NCCL on CUDA,
+gloo on CPU), ``mpi`` (mpi4py), ``zmq`` (pyzmq + msgpack). Heavy libraries (mpi4py, zmq,
+torch.distributed backends) are imported only when a transport connects.
+"""
+
+from .base import (
+    COLLECTIVE_TAG_BASE,
+    ByteCounters,
+    CompletedWork,
+    MultiWork,
+    PeerFailed,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    Work,
+)
+from .local import LocalFabric, LocalTransport
+
+__all__ = [
+    "COLLECTIVE_TAG_BASE",
+    "ByteCounters",
+    "CompletedWork",
+    "LocalFabric",
+    "LocalTransport",
+    "MultiWork",
+    "PeerFailed",
+    "Transport",
+    "TransportError",
+    "TransportTimeout",
+    "Work",
+]
+
+
+def _register_builtins() -> None:
+    from pcpp_runtime.registry import transports
+
+    transports.register("local", LocalTransport)
+
+
+_register_builtins()
