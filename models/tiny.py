@@ -1,0 +1,162 @@
+"""Small models built offline from configs, saved with ``save_pretrained`` and loaded back
+through the same ``from_pretrained`` path a hub id takes.
+
+``tiny-sd`` is a complete ``StableDiffusionPipeline`` with random weights seeded so it is the
+same on every machine (for a given torch version): a UNet with group norm, two down-samplings
+and self-attention at two resolutions; a 2-layer CLIP text encoder with a character-level
+tokenizer made here; a small VAE (factor 2: a 64 x 64 image has a 32 x 32 latent); DDIM.
+
+Built models are cached under ``$PCPP_MODEL_CACHE`` (default ``~/.cache/pcpp-runtime/models``),
+written to a temporary folder first and renamed, so ranks starting together do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["BUILTIN_MODELS", "build_tiny_sd", "builtin_model_path", "model_cache_dir"]
+
+#: bump when a builder's output changes, so stale caches are not reused
+_BUILD_VERSION = 1
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("PCPP_MODEL_CACHE", Path.home() / ".cache" / "pcpp-runtime" / "models"))
+
+
+def _byte_characters() -> list[str]:
+    """The 256 printable characters byte-level BPE tokenizers (CLIP's) use for the 256 bytes:
+    printable Latin-1 bytes stand for themselves, the others map to code points from 256 up."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("\u00a1"), ord("\u00ac") + 1))
+    printable |= set(range(ord("\u00ae"), ord("\u00ff") + 1))
+    chars = []
+    extra = 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _write_char_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer whose vocabulary is single characters (no merges): small and offline."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_characters()
+    vocab = {}
+    for char in chars:
+        vocab[char] = len(vocab)
+    for char in chars:
+        vocab[char + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32)
+    tokenizer.save_pretrained(str(folder))
+
+
+def build_tiny_sd(folder: Path) -> None:
+    """Write the ``tiny-sd`` pipeline into ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    _write_char_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+#: built-in name -> builder writing a diffusers folder
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-sd": build_tiny_sd}
+
+
+def builtin_model_path(name: str) -> Path:
+    """The folder of built-in model ``name``, building it on first use."""
+    try:
+        builder = BUILTIN_MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown built-in model {name!r}; built-in: {', '.join(sorted(BUILTIN_MODELS))}") from None
+    import torch
+
+    target = model_cache_dir() / f"{name}-v{_BUILD_VERSION}-torch{torch.__version__.split('+')[0]}"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        builder(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model_index.json").exists():  # not a concurrent builder's: real error
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,69 @@
+"""Attach a model plan's displaced layers to a model, and remove them again."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripSelfAttention
+from .models.plan import ModelPlan, UnsupportedModelError
+from .runtime import RankRuntime
+
+__all__ = ["AppliedPlan", "apply_plan"]
+
+_MODULE_LAYERS = {"first_conv": FirstConv2d, "halo_conv": HaloConv2d, "group_norm": StripGroupNorm}
+
+
+@dataclasses.dataclass
+class AppliedPlan:
+    """The displaced layers attached to one model, and how to take them off."""
+
+    layers: list[DisplacedLayer]
+    _undo: list[Callable[[], None]]
+
+    def remove(self) -> None:
+        """Restore the original modules and attention processors."""
+        while self._undo:
+            self._undo.pop()()
+
+    def drain(self) -> None:
+        for layer in self.layers:
+            layer.drain()
+
+    def abandon(self) -> None:
+        for layer in self.layers:
+            layer.abandon()
+
+    def stale_buffer_bytes(self) -> dict[str, int]:
+        """Bytes of stale-context receive buffers, by layer kind."""
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            out[layer.kind] = out.get(layer.kind, 0) + layer.stale_buffer_bytes
+        return out
+
+
+def apply_plan(model: nn.Module, plan: ModelPlan, runtime: RankRuntime) -> AppliedPlan:
+    """Replace every module the plan names with its strip-local layer (weights are shared)."""
+    layers: list[DisplacedLayer] = []
+    undo: list[Callable[[], None]] = []
+    applied = AppliedPlan(layers, undo)
+    try:
+        for index, rule in enumerate(plan.layers):
+            layer_id = index + 1  # 0 is the output gather
+            original = model.get_submodule(rule.path)
+            if rule.kind == "self_attention":
+                layer = StripSelfAttention(layer_id, rule.path, runtime)
+                previous = original.processor
+                original.set_processor(layer)
+                undo.append(lambda module=original, proc=previous: module.set_processor(proc))
+            else:
+                layer = _MODULE_LAYERS[rule.kind](original, layer_id, rule.path, runtime)
+                model.set_submodule(rule.path, layer)
+                undo.append(lambda path=rule.path, module=original: model.set_submodule(path, module))
+            layers.append(layer)
+    except (ValueError, AttributeError) as exc:
+        applied.remove()
+        raise UnsupportedModelError(f"cannot apply the {plan.family} plan: {exc}") from exc
+    return applied

@@ -1,0 +1,267 @@
+"""The ``pcpp`` command.
+
+``pcpp generate`` runs one text-to-image job split over N workers. Only the standard library
+is imported before a subcommand needs more, so ``pcpp --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+_POLICY_HELP = "conditioning policy: sync (exact), full (DistriFusion), partial (PCPP), none, or a plugin's name"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,1,1, got {text!r}") from None
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate one image with the denoiser split over N workers",
+        description="Generate one image with the denoiser split over N workers.",
+    )
+    g = p.add_argument_group("image")
+    g.add_argument("--model", default="tiny-sd", help="built-in name (tiny-sd), hub id or local diffusers folder")
+    g.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the model's)")
+    g.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the model's)")
+    g.add_argument("--steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--scheduler", default=None, help="ddim, euler, euler-a, dpm++, pndm, flow-euler or a class name")
+    g.add_argument("--guidance-scale", type=float, default=5.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--policy", default="partial", help=_POLICY_HELP + " (default partial)")
+    g.add_argument("--portion", type=float, default=0.3, help="partial: fraction of each neighbour strip, (0, 1] (default 0.3)")
+    g.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps first (default 4)")
+    g.add_argument("--partitioner", default="rows", help="rows (default) or weighted")
+    g.add_argument("--weights", type=_weights, default=None, help="relative capacity per rank, e.g. 2,1,1")
+    g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
+    g.add_argument("--transport", default="local", help="local (threads), torch, mpi, zmq or a plugin (default local)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds any wait on a peer may take (default 300)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=None, help="PNG to write (rank 0)")
+    g.add_argument("--report", default=None, help="JSON report to write (rank 0)")
+    g.add_argument("--compare", action="store_true", help="also run one worker with the same seed and report the difference")
+    p.set_defaults(func=_cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcpp",
+        description="pcpp-runtime: patch-parallel diffusion inference (DistriFusion and PCPP policies).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args, parser) or 0)
+
+
+# ---------------------------------------------------------------------- generate
+def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError, ParallelConfig
+    from .generate import JobSpec
+
+    try:
+        config = ParallelConfig(
+            policy=args.policy,
+            portion=args.portion,
+            warmup_steps=args.warmup_steps,
+            partitioner=args.partitioner,
+            weights=args.weights,
+            timeout_s=args.timeout,
+        )
+        spec = JobSpec(
+            model=args.model,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            scheduler=args.scheduler,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+        )
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.transport == "local":
+        return _generate_local(args, spec, config, parser)
+    parser.error(f"transport {args.transport!r} is not available in this build; use --transport local")
+    return 2
+
+
+def _generate_local(args, spec, config, parser) -> int:
+    from .config import ConfigError
+    from .generate import check_shape, default_size, load_pipeline, run_rank
+    from .threads import RankFailed, run_in_threads
+
+    world = args.nproc or 1
+    _quiet_libraries()
+    try:
+        first = load_pipeline(spec.model, spec.scheduler)
+        height, width = spec.height or default_size(first)[0], spec.width or default_size(first)[1]
+        check_shape(first, height, width, world, config)
+    except (ConfigError, ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    baseline = _baseline(first, spec, height, width) if args.compare else None
+    pipes = [first] + [load_pipeline(spec.model, spec.scheduler) for _ in range(world - 1)]
+    try:
+        results = run_in_threads(world, lambda tr: run_rank(pipes[tr.rank], tr, spec, config), config.timeout_s * 4)
+    except RankFailed as exc:
+        print(f"pcpp generate: {exc}", file=sys.stderr)
+        return 1
+    latents = results[0][0]
+    stats = [r[1] for r in results]
+    _finish(args, spec, config, first, latents, stats, baseline, height, width, transport="local")
+    return 0
+
+
+def _baseline(pipe, spec, height: int, width: int) -> dict[str, Any]:
+    """One worker, same seed: the reference latent and its time."""
+    import time
+
+    from .generate import call_pipeline
+
+    pipe.set_progress_bar_config(desc="denoising (1 worker, reference)")
+    start = time.perf_counter()
+    latents = call_pipeline(pipe, spec, height, width)
+    return {"latents": latents, "seconds": time.perf_counter() - start}
+
+
+def _finish(args, spec, config, pipe, latents, stats, baseline, height, width, transport: str) -> dict[str, Any]:
+    """Rank 0: decode, compare, write the image and the report, print a summary."""
+    from .generate import decode_image, psnr, write_atomically
+
+    report: dict[str, Any] = {
+        "model": spec.model,
+        "prompt": spec.prompt,
+        "seed": spec.seed,
+        "scheduler": type(pipe.scheduler).__name__,
+        "guidance_scale": spec.guidance_scale,
+        "world_size": len(stats),
+        "policy": config.policy,
+        "portion": config.portion,
+        "warmup_steps": config.warmup_steps,
+        "partitioner": config.partitioner,
+        "transport": transport,
+        "steps": spec.steps,
+        "denoiser_calls": stats[0]["denoiser_calls"],
+        "height": height,
+        "width": width,
+        "denoise_seconds": max(s["denoise_seconds"] for s in stats),
+        "denoise_seconds_per_rank": [s["denoise_seconds"] for s in stats],
+        "bytes_received_per_step": [s["received_per_step"]["total"] for s in stats],
+        "bytes_sent_per_step": [s["sent_per_step"]["total"] for s in stats],
+        "bytes_received_per_step_by_kind": [_without_total(s["received_per_step"]) for s in stats],
+        "transport_bytes_received": [s["transport_counters"]["payload_received"] for s in stats],
+        "engine_bytes_received": [s["engine_bytes_received"] for s in stats],
+        "stale_buffer_bytes": [sum(s["stale_buffer_bytes"].values()) for s in stats],
+        "peak_rss_bytes": [s["peak_rss_bytes"] for s in stats],
+    }
+    image, pixels = decode_image(pipe, latents)
+    if baseline is not None:
+        reference = baseline["latents"]
+        ref_image, ref_pixels = decode_image(pipe, reference)
+        value = psnr(latents, reference)
+        report.update(
+            psnr_db=None if math.isinf(value) else value,
+            identical=bool(torch_equal(latents, reference)),
+            max_abs_diff=float((latents - reference).abs().max()),
+            image_psnr_db=_finite(psnr((pixels / 2 + 0.5).clamp(0, 1), (ref_pixels / 2 + 0.5).clamp(0, 1), 1.0)),
+            baseline_seconds=baseline["seconds"],
+            speedup=baseline["seconds"] / report["denoise_seconds"],
+        )
+    if args.output:
+        write_atomically(args.output, lambda path: image.save(path, format="PNG"))
+    if args.report:
+        write_atomically(args.report, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
+    _print_summary(report, args)
+    return report
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def _without_total(kinds: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in kinds.items() if k != "total"}
+
+
+def _print_summary(report: dict[str, Any], args) -> None:
+    mb = [b / 1e6 for b in report["bytes_received_per_step"]]
+    lines = [
+        f"{report['world_size']} worker(s) over {report['transport']}, policy {report['policy']}"
+        + (f" (portion {report['portion']})" if report["policy"] == "partial" else "")
+        + f", {report['steps']} steps ({report['warmup_steps']} warm-up), {report['width']}x{report['height']} px",
+        f"  denoising: {report['denoise_seconds']:.2f} s (slowest rank)",
+        f"  received per step after warm-up: {', '.join(f'{m:.3f}' for m in mb)} MB (by rank)",
+    ]
+    if "psnr_db" in report:
+        psnr_text = "identical" if report["identical"] else f"{report['psnr_db']:.2f} dB"
+        lines.append(
+            f"  vs one worker: latent PSNR {psnr_text}, max |diff| {report['max_abs_diff']:.2e}, "
+            f"speed-up {report['speedup']:.2f}x ({report['baseline_seconds']:.2f} s for one worker)"
+        )
+    if args.output:
+        lines.append(f"  image: {args.output}")
+    if args.report:
+        lines.append(f"  report: {args.report}")
+    print("\n".join(lines), flush=True)
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers chatter (weight-loading bars, torchvision notices) hides our output."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

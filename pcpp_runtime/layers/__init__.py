@@ -1,0 +1,8 @@
+"""Displaced layers: strip-local versions of the layers that mix positions."""
+
+from .attention import StripSelfAttention
+from .base import DisplacedLayer, FlatBuffer
+from .group_norm import StripGroupNorm
+from .halo_conv import FirstConv2d, HaloConv2d, halo_rows
+
+__all__ = ["DisplacedLayer", "FirstConv2d", "FlatBuffer", "HaloConv2d", "StripGroupNorm", "StripSelfAttention", "halo_rows"]

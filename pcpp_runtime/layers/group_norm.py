@@ -1,0 +1,106 @@
+"""Group normalization over a strip, with whole-image statistics.
+
+Each rank computes its strip's per-(sample, group) mean and biased variance in float32 --
+``stats``, shape ``(B, G, 2)`` -- and combines every rank's, weighted by strip size
+``w_r = rows_r / height``::
+
+    mean = sum_r w_r * mean_r
+    var  = sum_r w_r * (var_r + (mean_r - mean)**2)
+
+which is exactly the variance ``nn.GroupNorm`` computes over the whole image (biased), in a form
+that cannot go negative. At synchronous steps every rank's statistics are fresh (an all-gather);
+at displaced steps the other ranks' are from the previous step and this rank's are fresh
+(DistriFusion's "corrected" statistics, written stably). Policies without ``global_norm`` use the
+strip's own statistics.
+
+Shapes: input ``(B, C, *spatial)`` -- this rank's strip (spatial is ``(h, W)``, or ``(h*W,)``
+when called on a token sequence transposed to channels-first); output the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..runtime import Channel, RankRuntime
+from .base import DisplacedLayer, FlatBuffer
+
+__all__ = ["StripGroupNorm"]
+
+
+class StripGroupNorm(nn.Module, DisplacedLayer):
+    kind = "group_norm"
+
+    def __init__(self, norm: nn.GroupNorm, layer_id: int, path: str, runtime: RankRuntime) -> None:
+        nn.Module.__init__(self)
+        DisplacedLayer.__init__(self, layer_id, path, runtime)
+        self.norm = norm
+
+    def _register(self, batch: int, device: torch.device) -> None:
+        world = self.runtime.world_size
+        groups = self.norm.num_groups
+        self.stale = [FlatBuffer(batch * groups * 2, torch.float32, device) for _ in range(world)]
+        self.send_buf = FlatBuffer(batch * groups * 2, torch.float32, device)
+        plan = self.runtime.plan
+        self.weights = torch.tensor([plan.rows(r) / plan.height for r in range(world)], dtype=torch.float32, device=device)
+        self.stale_buffer_bytes = sum(b.nbytes for r, b in enumerate(self.stale) if r != self.runtime.rank)
+        self._pending_recv.clear()
+        self._pending_send.clear()
+        self.mark_registered()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runtime = self.runtime
+        if not runtime.policy.global_norm and not runtime.synchronous:
+            return self.norm(x)
+        batch = x.shape[0]
+        if self.needs_registration():
+            self._register(batch, x.device)
+        groups = self.norm.num_groups
+        var, mean = torch.var_mean(x.reshape(batch, groups, -1).float(), dim=-1, unbiased=False)
+        local = torch.stack([mean, var], dim=-1)  # (B, G, 2)
+        shape = (batch, groups, 2)
+
+        post_next = runtime.next_step_displaced and runtime.policy.global_norm
+        if post_next:
+            self._post_sends(local, shape)
+        if runtime.synchronous:
+            gathered = [torch.empty(shape, dtype=torch.float32, device=x.device) for _ in range(runtime.world_size)]
+            runtime.all_gather(gathered, local.contiguous(), "norm", self.where("gathering group-norm statistics"))
+        else:
+            self.wait_received()
+            gathered = [self.stale[r].view(shape) if r != runtime.rank else local for r in range(runtime.world_size)]
+        stats = torch.stack(gathered, dim=0)  # (N, B, G, 2)
+        weights = self.weights.view(-1, 1, 1)
+        mean = (weights * stats[..., 0]).sum(dim=0)
+        var = (weights * (stats[..., 1] + (stats[..., 0] - mean) ** 2)).sum(dim=0)
+        if post_next:
+            self._post_recvs(shape)
+        return self._normalize(x, mean, var)
+
+    def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        batch, channels = x.shape[:2]
+        groups = self.norm.num_groups
+        grouped = x.reshape(batch, groups, -1)
+        inv = torch.rsqrt(var + self.norm.eps).to(x.dtype)
+        out = ((grouped - mean.to(x.dtype).unsqueeze(-1)) * inv.unsqueeze(-1)).reshape(x.shape)
+        if self.norm.affine:
+            affine_shape = (1, channels) + (1,) * (x.dim() - 2)
+            out = out * self.norm.weight.view(affine_shape) + self.norm.bias.view(affine_shape)
+        return out
+
+    def _post_sends(self, local: torch.Tensor, shape: tuple[int, ...]) -> None:
+        runtime = self.runtime
+        self.wait_sent()
+        send = self.send_buf.view(shape)
+        send.copy_(local)
+        for peer in range(runtime.world_size):
+            if peer != runtime.rank:
+                self._pending_send.append(runtime.post_send(send, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
+
+    def _post_recvs(self, shape: tuple[int, ...]) -> None:
+        runtime = self.runtime
+        for peer in range(runtime.world_size):
+            if peer != runtime.rank:
+                buf = self.stale[peer].view(shape)
+                self._pending_recv.append(runtime.post_recv(buf, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
+

@@ -1,0 +1,212 @@
+"""The denoiser wrapper: only the denoiser call is parallel.
+
+Every rank holds the full latent and runs the sampler's step itself (same seed everywhere). A
+:class:`ParallelDenoiser` hooks the denoiser module: on the way in it records the full latent
+and passes on this rank's strip of rows; on the way out it all-gathers the strips, so the
+caller gets the full ``(B, C, H, W)`` prediction, as from the unwrapped model. Any diffusers
+pipeline and any scheduler therefore work unchanged.
+
+    transport = ...                       # this rank's endpoint
+    pipe = parallelize(pipe, transport, ParallelConfig(policy="partial", portion=0.3))
+    image = pipe("a red circle", num_inference_steps=20).images[0]   # called exactly as before
+
+With one rank nothing is attached: the call is the unwrapped pipeline's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .apply import AppliedPlan, apply_plan
+from .config import ParallelConfig
+from .models import ModelPlan, plan_for
+from .runtime import RankRuntime
+from .transports.base import Transport
+
+__all__ = ["ParallelDenoiser", "ParallelPipeline", "parallelize"]
+
+
+class ParallelDenoiser:
+    """A denoiser split over the ranks of ``transport``.
+
+    Args:
+        model: a diffusers denoiser (``UNet2DConditionModel``).
+        transport: this rank's connected transport.
+        config: the job's configuration.
+        num_steps: denoiser calls per generation; or ``steps_source``, a callable that tells
+            it at the first call of each generation (a pipeline's ``len(scheduler.timesteps)``).
+        plan: the model plan; by default the one for the model's family.
+
+    Calling it is calling the model: same arguments, same output type.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        transport: Transport,
+        config: ParallelConfig | None = None,
+        *,
+        num_steps: int | None = None,
+        steps_source: Callable[[], int] | None = None,
+        plan: ModelPlan | None = None,
+    ) -> None:
+        self.model = model
+        self.transport = transport
+        self.config = config or ParallelConfig()
+        self.plan = plan or plan_for(model)
+        self.runtime = RankRuntime(transport, self.config, self.plan.alignment)
+        self._num_steps = num_steps
+        self._steps_source = steps_source
+        self._in_generation = False
+        self._applied: AppliedPlan | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._out_buffers: list[torch.Tensor] = []
+        if transport.world_size > 1:
+            self.attach()
+
+    # ------------------------------------------------------------------ attach / remove
+    def attach(self) -> None:
+        if self._applied is not None:
+            return
+        self._applied = apply_plan(self.model, self.plan, self.runtime)
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        """Take every hook and displaced layer off the model."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._applied is not None:
+            self._applied.remove()
+            self._applied = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ generations
+    def reset(self) -> None:
+        """Forget a generation that did not finish (its messages are drained)."""
+        if self._in_generation:
+            self.finish()
+
+    def finish(self) -> None:
+        """End the current generation: every posted message completes."""
+        if self._applied is not None:
+            self._applied.drain()
+        self._in_generation = False
+        self.runtime.step = 0
+
+    def abandon(self) -> None:
+        """Forget a generation that failed, without waiting on peers that may be gone."""
+        if self._applied is not None:
+            self._applied.abandon()
+        self._in_generation = False
+        self.runtime.step = 0
+
+    def stale_buffer_bytes(self) -> dict[str, int]:
+        return self._applied.stale_buffer_bytes() if self._applied is not None else {}
+
+    def _generation_steps(self) -> int:
+        if self._num_steps is not None:
+            return self._num_steps
+        if self._steps_source is not None:
+            return int(self._steps_source())
+        raise RuntimeError(
+            "ParallelDenoiser does not know how many denoiser calls a generation has: "
+            "pass num_steps= (bare denoiser) or wrap the pipeline with parallelize()"
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for name in ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"):
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"{name} (ControlNet/adapters) is not supported by patch parallelism yet")
+        sample = args[0] if args else kwargs["sample"]
+        runtime = self.runtime
+        if not self._in_generation:
+            runtime.begin(self._generation_steps(), sample.shape)
+            self._in_generation = True
+            self._register_outputs(sample)
+        elif tuple(sample.shape) != runtime.batch_key[0]:
+            raise RuntimeError(
+                f"latent shape changed from {runtime.batch_key[0]} to {tuple(sample.shape)} inside a generation"
+            )
+        runtime.full_input = sample
+        start, end = runtime.bounds
+        strip = sample[:, :, start:end]
+        if args:
+            args = (strip,) + tuple(args[1:])
+        else:
+            kwargs = dict(kwargs, sample=strip)
+        return args, kwargs
+
+    def _register_outputs(self, sample: torch.Tensor) -> None:
+        plan = self.runtime.plan
+        batch, _, _, width = sample.shape
+        channels = self.plan.output_channels
+        self._out_buffers = [
+            sample.new_empty(batch, channels, plan.rows(r), width) for r in range(plan.world_size)
+        ]
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        runtime = self.runtime
+        strip = output[0] if isinstance(output, tuple) else output.sample
+        if strip.dtype != self._out_buffers[0].dtype:
+            self._out_buffers = [b.to(strip.dtype) for b in self._out_buffers]
+        runtime.all_gather(self._out_buffers, strip.contiguous(), "output", "gathering the denoiser output")
+        full = torch.cat(self._out_buffers, dim=2)
+        runtime.full_input = None
+        runtime.step += 1
+        if runtime.step >= runtime.num_steps:
+            self.finish()
+        if isinstance(output, tuple):
+            return (full,) + tuple(output[1:])
+        output.sample = full
+        return output
+
+
+class ParallelPipeline:
+    """A diffusers pipeline whose denoiser is split over the ranks; call it as the pipeline.
+
+    Attributes:
+        pipeline: the wrapped pipeline (its ``unet`` carries the hooks).
+        denoiser: the :class:`ParallelDenoiser`.
+    """
+
+    def __init__(self, pipeline: Any, transport: Transport, config: ParallelConfig | None = None) -> None:
+        self.pipeline = pipeline
+        denoiser = getattr(pipeline, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(pipeline, "transformer", None)
+        if denoiser is None:
+            raise TypeError(f"{type(pipeline).__name__} has neither a unet nor a transformer to split")
+        self.denoiser = ParallelDenoiser(
+            denoiser, transport, config, steps_source=lambda: len(pipeline.scheduler.timesteps)
+        )
+
+    @property
+    def runtime(self) -> RankRuntime:
+        return self.denoiser.runtime
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.denoiser.reset()
+        try:
+            return self.pipeline(*args, **kwargs)
+        except BaseException:
+            self.denoiser.abandon()
+            raise
+
+
+def parallelize(obj: Any, transport: Transport, config: ParallelConfig | None = None, **denoiser_kwargs: Any):
+    """Split a diffusers pipeline (returns :class:`ParallelPipeline`) or a bare denoiser
+    (returns :class:`ParallelDenoiser`; give ``num_steps``) over ``transport``'s ranks."""
+    if isinstance(obj, nn.Module):
+        return ParallelDenoiser(obj, transport, config, **denoiser_kwargs)
+    return ParallelPipeline(obj, transport, config)
