@@ -72,7 +72,8 @@ def load_pipeline(model: str, scheduler: str | None = None, device: str | torch.
     """Load a diffusers pipeline through ``from_pretrained`` and set its scheduler."""
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_model(model), torch_dtype=dtype)
+    kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_model(model), **kwargs)
     if scheduler is not None:
         class_name = SCHEDULERS.get(scheduler, scheduler)
         cls = getattr(diffusers, class_name, None)
