@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -25,6 +26,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(part) for part in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI such as 40000-40100, got {text!r}") from None
+    return lo, hi
 
 
 def _weights(text: str) -> tuple[float, ...]:
@@ -57,8 +66,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--partitioner", default="rows", help="rows (default) or weighted")
     g.add_argument("--weights", type=_weights, default=None, help="relative capacity per rank, e.g. 2,1,1")
     g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
-    g.add_argument("--transport", default="local", help="local (threads), torch, mpi, zmq or a plugin (default local)")
+    g.add_argument(
+        "--transport",
+        default=os.environ.get("PCPP_TRANSPORT", "local"),
+        help="local (threads of one process), torch, mpi, zmq or a plugin (default: $PCPP_TRANSPORT or local)",
+    )
     g.add_argument("--timeout", type=float, default=300.0, help="seconds any wait on a peer may take (default 300)")
+    g = p.add_argument_group("rendezvous (override what the launcher's environment says)")
+    g.add_argument("--rank", type=int, default=None)
+    g.add_argument("--world-size", type=int, default=None)
+    g.add_argument("--master-addr", default=None, help="host of rank 0")
+    g.add_argument("--master-port", type=int, default=None)
+    g.add_argument("--bind-addr", default=None, help="zmq: interface to bind (0.0.0.0 across machines)")
+    g.add_argument("--advertise-addr", default=None, help="zmq: the address peers use to reach this rank")
+    g.add_argument("--port-range", type=_port_range, default=None, help="zmq: data ports LO-HI (firewalls)")
+    g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:<local rank> when CUDA is present)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=None, help="PNG to write (rank 0)")
     g.add_argument("--report", default=None, help="JSON report to write (rank 0)")
@@ -73,16 +95,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
+    _add_launch(sub)
+    _add_info(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
     return int(args.func(args, parser) or 0)
+
+
+# ---------------------------------------------------------------------- launch, info
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="start N local workers of a command (torchrun-style)",
+        description="Start N local workers of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+        "MASTER_PORT set; prefix their output with the rank; if one fails, stop the others and exit with its code.",
+    )
+    p.add_argument("-n", "--nproc", type=_positive_int, required=True, help="number of workers")
+    p.add_argument("--transport", default=None, help="sets PCPP_TRANSPORT for the workers (pcpp generate's default)")
+    p.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=_cmd_launch)
+
+
+def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .launch import run_workers
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("give the command to run after --, e.g. pcpp launch -n 2 -- pcpp generate")
+    env = dict(os.environ)
+    if args.transport:
+        env["PCPP_TRANSPORT"] = args.transport
+    return run_workers(args.nproc, command, env=env, timeout_s=args.timeout)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what is available here: transports, policies, partitioners, devices")
+    p.set_defaults(func=lambda args, parser: _print_info())
+
+
+def _print_info() -> int:
+    from .info import collect_info
+
+    info = collect_info()
+    print("transports:")
+    for name, (ok, detail) in info["transports"].items():
+        print(f"  {name:8s} {'yes' if ok else 'no ':3s}  {detail}")
+    print(f"policies:     {', '.join(info['policies'])}")
+    print(f"partitioners: {', '.join(info['partitioners'])}")
+    print("devices:")
+    for line in info["devices"]:
+        print(f"  {line}")
+    return 0
 
 
 # ---------------------------------------------------------------------- generate
@@ -114,15 +189,96 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(str(exc))
     if args.transport == "local":
         return _generate_local(args, spec, config, parser)
-    parser.error(f"transport {args.transport!r} is not available in this build; use --transport local")
-    return 2
+    from .registry import transports
+
+    if args.transport not in transports:
+        parser.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(transports.names())}")
+    if args.nproc is not None and "PCPP_LAUNCHER" not in os.environ and args.world_size is None:
+        return _relaunch(args)
+    return _generate_on_process(args, spec, config, parser)
+
+
+def _relaunch(args) -> int:
+    """``--nproc N`` with a process transport: start N workers of this same command."""
+    from .launch import run_workers
+
+    argv = list(args.argv)
+    index = argv.index("--nproc") if "--nproc" in argv else next(i for i, a in enumerate(argv) if a.startswith("--nproc="))
+    del argv[index : index + (1 if "=" in argv[index] else 2)]
+    command = [sys.executable, "-m", "pcpp_runtime.cli"] + argv + ["--transport", args.transport]
+    return run_workers(args.nproc, command, timeout_s=None)
+
+
+def _generate_on_process(args, spec, config, parser) -> int:
+    """This process is one rank of a job a launcher (or ``--nproc``) started."""
+    from .config import ConfigError
+    from .connect import TransportSettings, open_transport
+    from .generate import check_shape, default_size, gather_stats, load_pipeline, run_rank
+    from .launch import LaunchEnvironmentError, discover
+    from .transports.base import TransportError
+
+    overrides = {
+        "rank": args.rank,
+        "world_size": args.world_size,
+        "master_addr": args.master_addr,
+        "master_port": args.master_port,
+    }
+    try:
+        info = discover(overrides=overrides)
+    except LaunchEnvironmentError as exc:
+        parser.error(str(exc))
+    if args.nproc is not None and args.nproc != info.world_size:
+        parser.error(f"--nproc {args.nproc} disagrees with the launcher's world size {info.world_size}")
+    _quiet_libraries()
+    device = args.device or _default_device(info)
+    settings = TransportSettings(args.bind_addr, args.advertise_addr, args.port_range, device if device != "cpu" else None)
+    try:
+        pipe = load_pipeline(spec.model, spec.scheduler, device=device)
+        height, width = spec.height or default_size(pipe)[0], spec.width or default_size(pipe)[1]
+        check_shape(pipe, height, width, info.world_size, config)
+    except (ConfigError, ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    prefix = f"pcpp generate [rank {info.rank}/{info.world_size}, {args.transport}]"
+    try:
+        transport = open_transport(args.transport, info, config.timeout_s, config.fingerprint(), settings)
+    except (TransportError, ValueError, ImportError) as exc:
+        print(f"{prefix}: could not connect: {exc}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        latents, stats = run_rank(pipe, transport, spec, config)
+        all_stats = gather_stats(transport, stats)
+        if transport.rank == 0:
+            baseline = _baseline(load_pipeline(spec.model, spec.scheduler, device=device), spec, height, width) if args.compare else None
+            _finish(args, spec, config, pipe, latents, all_stats, baseline, height, width, transport=args.transport)
+    except TransportError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        transport.close()
+    return 0
+
+
+def _default_device(info) -> str:
+    from .launch import select_device
+
+    return str(select_device(info))
 
 
 def _generate_local(args, spec, config, parser) -> int:
     from .config import ConfigError
     from .generate import check_shape, default_size, load_pipeline, run_rank
+    from .launch import LaunchEnvironmentError, discover
     from .threads import RankFailed, run_in_threads
 
+    try:
+        launched = discover()
+    except LaunchEnvironmentError:
+        launched = None
+    if launched is not None and launched.world_size > 1:
+        parser.error(
+            f"this process is rank {launched.rank} of {launched.world_size} started by {launched.source}; "
+            "the local transport runs ranks as threads of one process: choose --transport torch, mpi or zmq"
+        )
     world = args.nproc or 1
     _quiet_libraries()
     try:

@@ -1,0 +1,34 @@
+# pcpp-runtime: `make demo` and `make test` create .venv on first use, then run.
+#
+# TORCH_SPEC picks the torch build installed first: the CPU build 2.13.0 by default (it lies on
+# this kind of machine's disk). On a GPU machine use e.g. `make test TORCH_SPEC=torch` to keep
+# pip's CUDA build, or install your own torch into .venv first.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+OUT ?= out
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pcpp-installed
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pcpp generate --nproc 2 --transport local --compare \
+		--output $(OUT)/demo.png --report $(OUT)/demo.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info
