@@ -17,6 +17,9 @@ from .base import (
     Work,
 )
 from .local import LocalFabric, LocalTransport
+from .mpi import MPITransport, install_abort_on_error
+from .torch_dist import TorchDistTransport
+from .zeromq import ZmqTransport
 
 __all__ = [
     "COLLECTIVE_TAG_BASE",
@@ -24,12 +27,16 @@ __all__ = [
     "CompletedWork",
     "LocalFabric",
     "LocalTransport",
+    "MPITransport",
     "MultiWork",
     "PeerFailed",
     "Transport",
     "TransportError",
+    "TorchDistTransport",
     "TransportTimeout",
     "Work",
+    "ZmqTransport",
+    "install_abort_on_error",
 ]
 
 
@@ -37,6 +44,9 @@ def _register_builtins() -> None:
     from pcpp_runtime.registry import transports
 
     transports.register("local", LocalTransport)
+    transports.register("torch", TorchDistTransport)
+    transports.register("mpi", MPITransport)
+    transports.register("zmq", ZmqTransport)
 
 
 _register_builtins()
