@@ -1,10 +1,12 @@
 """Model families: how each kind of diffusers denoiser is split into strips, plus small models.
 
 :func:`plan_for` picks the family's plan for a model; a model of an unknown family is refused
-with the list of supported ones.
+with the list of supported ones. docs/MODELS.md has the support table and how to add a family.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
@@ -12,21 +14,32 @@ from .plan import LAYER_KINDS, LayerRule, ModelPlan, UnsupportedModelError
 
 __all__ = ["LAYER_KINDS", "LayerRule", "ModelPlan", "UnsupportedModelError", "plan_for", "SUPPORTED_FAMILIES"]
 
-#: class name -> (family description, plan builder module:function)
+#: denoiser class name -> family description
 SUPPORTED_FAMILIES = {
     "UNet2DConditionModel": "Stable Diffusion 1.x/2.x and SDXL UNets",
+    "DiTTransformer2DModel": "DiT, class-conditional diffusion transformers",
+    "PixArtTransformer2DModel": "PixArt-alpha and PixArt-sigma transformers",
+}
+
+#: denoiser class name -> "module:function" (in this package) building its ModelPlan
+_PLAN_BUILDERS = {
+    "UNet2DConditionModel": "unet:unet_plan",
+    "DiTTransformer2DModel": "dit:dit_plan",
+    "PixArtTransformer2DModel": "dit:pixart_plan",
 }
 
 
 def plan_for(model: nn.Module) -> ModelPlan:
     """The plan of ``model``'s family; :class:`UnsupportedModelError` for unknown ones."""
     name = type(model).__name__
-    if name == "UNet2DConditionModel":
-        from .unet import unet_plan
-
-        return unet_plan(model)
-    supported = "; ".join(f"{cls} ({desc})" for cls, desc in SUPPORTED_FAMILIES.items())
-    raise UnsupportedModelError(
-        f"no plan for a {name}; supported: {supported}. To add one, write a function returning a "
-        f"ModelPlan in pcpp_runtime/models/ and register it in plan_for"
-    )
+    builder = _PLAN_BUILDERS.get(name)
+    if builder is None:
+        supported = "; ".join(f"{cls} ({desc})" for cls, desc in SUPPORTED_FAMILIES.items())
+        raise UnsupportedModelError(
+            f"no plan for a {name}; supported: {supported}. To add one, write a function returning a "
+            f"ModelPlan in pcpp_runtime/models/<family>.py and register it for plan_for in _PLAN_BUILDERS "
+            f"and SUPPORTED_FAMILIES of pcpp_runtime/models/__init__.py (see docs/MODELS.md)"
+        )
+    module_name, function = builder.split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, function)(model)

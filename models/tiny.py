@@ -6,6 +6,9 @@ same on every machine (for a given torch version): a UNet with group norm, two d
 and self-attention at two resolutions; a 2-layer CLIP text encoder with a character-level
 tokenizer made here; a small VAE (factor 2: a 64 x 64 image has a 32 x 32 latent); DDIM.
 
+Other families (``tiny-sd2``, ``tiny-sdxl``, ``tiny-dit``, ``tiny-pixart``) are built in
+:mod:`.tiny_unets` and :mod:`.tiny_transformers` the same way.
+
 Built models are cached under ``$PCPP_MODEL_CACHE`` (default ``~/.cache/pcpp-runtime/models``),
 written to a temporary folder first and renamed, so ranks starting together do not collide.
 """
@@ -18,6 +21,9 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .tiny_transformers import build_tiny_dit, build_tiny_pixart
+from .tiny_unets import build_tiny_sd2, build_tiny_sdxl
 
 __all__ = ["BUILTIN_MODELS", "build_tiny_sd", "builtin_model_path", "model_cache_dir"]
 
@@ -132,8 +138,15 @@ def build_tiny_sd(folder: Path) -> None:
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-#: built-in name -> builder writing a diffusers folder
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny-sd": build_tiny_sd}
+#: built-in name -> builder writing a diffusers folder (the other families' builders live in
+#: tiny_unets.py and tiny_transformers.py; docs/MODELS.md lists what each one is)
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-sd2": build_tiny_sd2,
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-dit": build_tiny_dit,
+    "tiny-pixart": build_tiny_pixart,
+}
 
 
 def builtin_model_path(name: str) -> Path:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 
 from torch import nn
 
-from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripSelfAttention
+from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripPatchEmbed, StripSelfAttention
 from .models.plan import ModelPlan, UnsupportedModelError
 from .runtime import RankRuntime
 
 __all__ = ["AppliedPlan", "apply_plan"]
 
-_MODULE_LAYERS = {"first_conv": FirstConv2d, "halo_conv": HaloConv2d, "group_norm": StripGroupNorm}
+_MODULE_LAYERS = {
+    "first_conv": FirstConv2d,
+    "halo_conv": HaloConv2d,
+    "group_norm": StripGroupNorm,
+    "patch_embed": StripPatchEmbed,
+}
 
 
 @dataclasses.dataclass
@@ -63,7 +69,19 @@ def apply_plan(model: nn.Module, plan: ModelPlan, runtime: RankRuntime) -> Appli
                 model.set_submodule(rule.path, layer)
                 undo.append(lambda path=rule.path, module=original: model.set_submodule(path, module))
             layers.append(layer)
+        if plan.strip_forward is not None:
+            _install_forward(model, plan, undo)
     except (ValueError, AttributeError) as exc:
         applied.remove()
         raise UnsupportedModelError(f"cannot apply the {plan.family} plan: {exc}") from exc
     return applied
+
+
+def _install_forward(model: nn.Module, plan: ModelPlan, undo: list[Callable[[], None]]) -> None:
+    """Shadow the model's class ``forward`` with the plan's strip-aware one (an instance
+    attribute, so ``nn.Module.__call__`` and its hooks are unchanged); undo deletes it."""
+    if "forward" in vars(model):
+        # someone else (accelerate's offloading hooks, say) already wraps this instance's forward
+        raise ValueError(f"the {type(model).__name__} instance already has a patched forward; the plan needs its own")
+    model.forward = types.MethodType(plan.strip_forward, model)
+    undo.append(lambda: delattr(model, "forward"))

@@ -8,9 +8,11 @@ transport's object path (msgpack), decodes the image and writes the report.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,18 @@ from .config import ParallelConfig
 from .partition import ShapeError
 from .transports.base import Transport
 
-__all__ = ["JobSpec", "SCHEDULERS", "check_shape", "load_pipeline", "psnr", "resolve_model", "run_rank"]
+__all__ = [
+    "JobSpec",
+    "SCHEDULERS",
+    "check_shape",
+    "class_label",
+    "denoiser_of",
+    "load_pipeline",
+    "psnr",
+    "resolve_model",
+    "run_rank",
+    "vae_factor",
+]
 
 #: short names for ``--scheduler`` -> diffusers class name (any other class name works too)
 SCHEDULERS = {
@@ -35,7 +48,13 @@ SCHEDULERS = {
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """What to generate; the same on every rank."""
+    """What to generate; the same on every rank.
+
+    For a class-conditional pipeline (DiT) the prompt names the class: an integer is the class
+    id, a label the pipeline knows (``pipe.labels``, from the checkpoint's ``id2label``) is its
+    id, and any other text maps to ``crc32(prompt) % num_classes`` -- a fixed class per prompt.
+    Such pipelines also ignore ``negative_prompt`` and generate only their native size.
+    """
 
     model: str = "tiny-sd"
     prompt: str = "a red circle at the top left and a blue square at the bottom"
@@ -85,10 +104,34 @@ def load_pipeline(model: str, scheduler: str | None = None, device: str | torch.
     return pipe.to(device)
 
 
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The module a pipeline calls once per step: its ``unet``, or its ``transformer`` (DiT,
+    PixArt). Accepts a :class:`~pcpp_runtime.parallel.ParallelPipeline` too."""
+    pipe = getattr(pipe, "pipeline", pipe)
+    denoiser = getattr(pipe, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    return denoiser
+
+
+def vae_factor(pipe) -> int:
+    """Pixels per latent row: the pipeline's ``vae_scale_factor``, or (DiT's pipeline has none)
+    the VAE's, ``2 ** (blocks - 1)``."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return int(factor) if factor else 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def _call_parameters(pipe) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(getattr(pipe, "pipeline", pipe).__call__).parameters)
+
+
 def default_size(pipe) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return size * pipe.vae_scale_factor, size * pipe.vae_scale_factor
+    size = denoiser_of(pipe).config.sample_size
+    height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
+    factor = vae_factor(pipe)
+    return height * factor, width * factor
 
 
 def check_shape(pipe, height: int, width: int, world_size: int, config: ParallelConfig) -> None:
@@ -97,8 +140,14 @@ def check_shape(pipe, height: int, width: int, world_size: int, config: Parallel
     from .partition import make_partitioner
 
     config.check_world_size(world_size)
-    factor = pipe.vae_scale_factor
-    alignment = plan_for(pipe.unet).alignment
+    if "height" not in _call_parameters(pipe) and (height, width) != default_size(pipe):
+        native = default_size(pipe)
+        raise ShapeError(
+            f"{type(pipe).__name__} generates only its native {native[1]}x{native[0]} px (the model's sample "
+            f"size); got {width}x{height} px (width x height): leave out --height/--width"
+        )
+    factor = vae_factor(pipe)
+    alignment = plan_for(denoiser_of(pipe)).alignment
     step = factor * alignment
     for name, value in (("height", height), ("width", width)):
         if value % step:
@@ -131,18 +180,80 @@ def psnr(test: torch.Tensor, reference: torch.Tensor, data_range: float | None =
 
 
 def call_pipeline(pipe, spec: JobSpec, height: int, width: int):
-    """Run the pipeline (or a ParallelPipeline) to the final latent, ``(B, C, H/f, W/f)``."""
+    """Run the pipeline (or a ParallelPipeline) to the final latent, ``(B, C, H/f, W/f)``.
+
+    Text-to-image pipelines (SD, SDXL, PixArt) are called with the prompt and the size;
+    PixArt's aspect-ratio binning and caption cleaning (optional packages) are turned off, so
+    the latent has exactly the size asked for. Class-conditional pipelines (DiT) get the class
+    of :func:`class_label` and their native size.
+    """
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    params = _call_parameters(pipe)
+    if "class_labels" in params:
+        return _call_class_conditional(pipe, spec, generator)
+    negative = spec.negative_prompt
+    if negative is None and "negative_prompt" in params:
+        negative = params["negative_prompt"].default  # PixArt wants "" where SD takes None
+    kwargs: dict[str, Any] = {}
+    for name in ("use_resolution_binning", "clean_caption"):
+        if name in params:
+            kwargs[name] = False
     return pipe(
-        spec.prompt,
-        negative_prompt=spec.negative_prompt,
+        prompt=spec.prompt,
+        negative_prompt=negative,
         height=height,
         width=width,
         num_inference_steps=spec.steps,
         guidance_scale=spec.guidance_scale,
         generator=generator,
         output_type="latent",
+        **kwargs,
     ).images
+
+
+def class_label(pipe, prompt: str) -> int:
+    """The class a prompt names for a class-conditional pipeline (see :class:`JobSpec`)."""
+    pipe = getattr(pipe, "pipeline", pipe)
+    num_classes = int(denoiser_of(pipe).config.num_embeds_ada_norm)
+    text = prompt.strip()
+    if text.isdigit():
+        if int(text) >= num_classes:
+            raise ValueError(f"class {text} is out of range: the model has classes 0 to {num_classes - 1}")
+        return int(text)
+    labels = getattr(pipe, "labels", None) or {}
+    if text in labels:
+        return int(labels[text])
+    return zlib.crc32(text.encode("utf-8")) % num_classes
+
+
+def _call_class_conditional(pipe, spec: JobSpec, generator: torch.Generator) -> torch.Tensor:
+    """DiT's pipeline has no ``output_type="latent"``: it always decodes. For the call, its VAE's
+    ``decode`` is shadowed by one that records the latent and skips decoding; the recorded
+    ``latent / scaling_factor`` is scaled back, so this returns what ``output_type="latent"``
+    returns elsewhere (the caller decodes it with :func:`decode_image`)."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    vae = getattr(pipe, "pipeline", pipe).vae
+    if "decode" in vars(vae):
+        raise RuntimeError("the VAE's decode is already patched (offloading hooks?); cannot record the latent")
+    recorded: list[torch.Tensor] = []
+
+    def record(latents: torch.Tensor, *args: Any, **kwargs: Any) -> DecoderOutput:
+        recorded.append(latents)
+        return DecoderOutput(sample=latents)
+
+    vae.decode = record
+    try:
+        pipe(
+            class_labels=[class_label(pipe, spec.prompt)],
+            guidance_scale=spec.guidance_scale,
+            generator=generator,
+            num_inference_steps=spec.steps,
+            output_type="pt",
+        )
+    finally:
+        del vae.decode
+    return recorded[-1] * vae.config.scaling_factor
 
 
 def run_rank(pipe, transport: Transport, spec: JobSpec, config: ParallelConfig) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -185,7 +296,12 @@ def decode_image(pipe, latents: torch.Tensor):
     """The PIL image of the first latent in the batch."""
     with torch.no_grad():
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0], image
+    processor = getattr(pipe, "image_processor", None)
+    if processor is None:  # DiT's pipeline post-processes by hand
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=vae_factor(pipe))
+    return processor.postprocess(image, output_type="pil")[0], image
 
 
 def write_atomically(path: str | os.PathLike, write) -> None:

@@ -34,7 +34,8 @@ class ParallelDenoiser:
     """A denoiser split over the ranks of ``transport``.
 
     Args:
-        model: a diffusers denoiser (``UNet2DConditionModel``).
+        model: a diffusers denoiser (``UNet2DConditionModel``, ``DiTTransformer2DModel``,
+            ``PixArtTransformer2DModel``: see :func:`pcpp_runtime.models.plan_for`).
         transport: this rank's connected transport.
         config: the job's configuration.
         num_steps: denoiser calls per generation; or ``steps_source``, a callable that tells
@@ -128,7 +129,14 @@ class ParallelDenoiser:
         for name in ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{name} (ControlNet/adapters) is not supported by patch parallelism yet")
-        sample = args[0] if args else kwargs["sample"]
+        # the latent: first positional argument, or the keyword a UNet (`sample`) or a
+        # transformer (`hidden_states`: DiT, PixArt) names it by
+        key = None if args else ("sample" if "sample" in kwargs else "hidden_states")
+        if key is not None and key not in kwargs:
+            raise TypeError(
+                f"{type(module).__name__} was called without a latent (no positional, `sample` or `hidden_states` argument)"
+            )
+        sample = args[0] if args else kwargs[key]
         runtime = self.runtime
         if not self._in_generation:
             runtime.begin(self._generation_steps(), sample.shape)
@@ -144,7 +152,7 @@ class ParallelDenoiser:
         if args:
             args = (strip,) + tuple(args[1:])
         else:
-            kwargs = dict(kwargs, sample=strip)
+            kwargs = dict(kwargs, **{key: strip})
         return args, kwargs
 
     def _register_outputs(self, sample: torch.Tensor) -> None:

@@ -4,5 +4,6 @@ from .attention import StripSelfAttention
 from .base import DisplacedLayer, FlatBuffer
 from .group_norm import StripGroupNorm
 from .halo_conv import FirstConv2d, HaloConv2d, halo_rows
+from .patch_embed import StripPatchEmbed
 
-__all__ = ["DisplacedLayer", "FirstConv2d", "FlatBuffer", "HaloConv2d", "StripGroupNorm", "StripSelfAttention", "halo_rows"]
+__all__ = ["DisplacedLayer", "FirstConv2d", "FlatBuffer", "HaloConv2d", "StripGroupNorm", "StripPatchEmbed", "StripSelfAttention", "halo_rows"]

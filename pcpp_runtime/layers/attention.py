@@ -14,6 +14,12 @@ this rank's fresh ones plus, per the policy:
 Keys and values travel together as one ``(B, tokens, 2, inner_dim)`` message. The context is
 assembled in global row order, so with all rows present it matches one device token for token.
 
+Numerics follow diffusers' ``AttnProcessor2_0`` (the default processor): one
+``scaled_dot_product_attention`` call with its default scale, ignoring ``attn.upcast_attention``
+and ``attn.upcast_softmax`` as that processor does (they only steer the explicit score
+computation of the legacy ``AttnProcessor``), so SD 2.x models with ``upcast_attention=True``
+split exactly as the stock model runs.
+
 Shapes: hidden states ``(B, L, C)`` with ``L = h * w`` tokens of this rank's strip in row-major
 order (or ``(B, C, h, w)``); output the same.
 """
