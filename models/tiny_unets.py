@@ -1,0 +1,165 @@
+"""Built-in tiny UNet pipelines beyond ``tiny-sd``: ``tiny-sd2`` and ``tiny-sdxl``.
+
+Random weights seeded per component (the same on every machine for a given torch version),
+character-level CLIP tokenizers (:func:`pcpp_runtime.models.tiny._write_char_tokenizer`), and
+a factor-2 VAE, so a 64 x 64 image has a 32 x 32 latent. Both UNets down-sample twice (strips
+align to 4 latent rows).
+
+* ``tiny-sd2`` -- ``StableDiffusionPipeline`` shaped like SD 2.x: linear projections in the
+  transformer blocks, 16-dimensional attention heads (tiny-sd: 4 and 8), ``upcast_attention``,
+  a 64-wide CLIP text encoder, a v-prediction DDIM scheduler.
+* ``tiny-sdxl`` -- ``StableDiffusionXLPipeline``: two text encoders (``CLIPTextModel`` and
+  ``CLIPTextModelWithProjection``, hidden 32 each, concatenated to a 64-wide context), two
+  transformer layers per block at the deepest level, ``addition_embed_type="text_time"``
+  (pooled text embedding + size/crop ids, per sample).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["build_tiny_sd2", "build_tiny_sdxl", "tiny_vae"]
+
+
+def tiny_vae(seed: int = 2, **overrides):
+    """A factor-2 ``AutoencoderKL`` (two blocks, 16/32 channels, 4 latent channels)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    config.update(overrides)
+    return AutoencoderKL(**config)
+
+
+def _clip_config(tokenizer, hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def build_tiny_sd2(folder: Path) -> None:
+    """Write the ``tiny-sd2`` pipeline into ``folder``."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .tiny import _write_char_tokenizer
+
+    _write_char_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4, 4),  # diffusers reads this as heads: 16-dim heads everywhere
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 64))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    """Write the ``tiny-sdxl`` pipeline into ``folder``."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .tiny import _write_char_tokenizer
+
+    _write_char_tokenizer(folder / "tokenizer")
+    _write_char_tokenizer(folder / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    projection_dim = 32
+    time_embed_dim = 8
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=64,  # 32 (text_encoder) + 32 (text_encoder_2), concatenated
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # 6 size/crop ids of time_embed_dim each + the pooled projection of text_encoder_2
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    torch.manual_seed(3)
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 32, projection_dim=projection_dim))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)

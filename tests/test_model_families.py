@@ -1,0 +1,285 @@
+"""Model families beyond tiny-sd: SD 2.x, SDXL, DiT, PixArt -- each split over in-process ranks
+and compared with one worker, through the family's own diffusers pipeline.
+
+* ``sync`` on 2 and 3 ranks equals one worker (final latent, 8 steps, guidance on: batch 2);
+* ``full`` and ``partial(0.3)`` run end to end; their PSNR against one worker is printed;
+* DiT: 3 and 5 ranks (5 gives uneven strips of 2 and 1 patch rows), and a non-square latent
+  through the bare transformer; PixArt: a non-square image through its pipeline, and the
+  PixArt-sigma pipeline on the same components;
+* schedulers: DDIM, Euler, Euler ancestral and DPM-Solver++ (multistep) on tiny-sd;
+* an unknown denoiser class is refused with the list of supported families.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from engine_helpers import quiet_pipeline
+from pcpp_runtime import ParallelConfig, parallelize
+from pcpp_runtime.generate import JobSpec, call_pipeline, check_shape, class_label, denoiser_of, psnr
+from pcpp_runtime.models import UnsupportedModelError, plan_for
+from pcpp_runtime.partition import ShapeError
+from pcpp_runtime.threads import run_in_threads
+from pcpp_runtime.transports import LocalFabric
+
+SPEC = JobSpec(steps=8, guidance_scale=5.0, seed=3)
+#: family -> image size in pixels (the VAEs halve it: 32x32 latents for the UNets, 16x16 for
+#: the transformers, whose 2x2 patches make an 8x8 token grid)
+FAMILIES = {"tiny-sd2": (64, 64), "tiny-sdxl": (64, 64), "tiny-dit": (32, 32), "tiny-pixart": (32, 32)}
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def paths(model_cache):
+    from pcpp_runtime.models.tiny import builtin_model_path
+
+    return {name: str(builtin_model_path(name)) for name in (*FAMILIES, "tiny-sd")}
+
+
+def loader(path: str, scheduler: str | None = None, pipeline_class=None):
+    """A function loading a fresh quiet pipeline (optionally re-wrapped in another pipeline
+    class over the same components)."""
+
+    def load():
+        pipe = quiet_pipeline(path, scheduler)
+        if pipeline_class is not None:
+            pipe = pipeline_class(**pipe.components)
+            pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
+
+
+def on_ranks(load, world: int, config: ParallelConfig, shape: tuple[int, int], spec: JobSpec = SPEC, wrapped=None):
+    """Every rank's final latent (pipelines load before the threads start); the wrapped
+    pipelines go into ``wrapped`` (a dict by rank) when one is given."""
+    pipes = [load() for _ in range(world)]
+    wrapped = {} if wrapped is None else wrapped
+
+    def rank(transport):
+        wrapped[transport.rank] = parallelize(pipes[transport.rank], transport, config)
+        return call_pipeline(wrapped[transport.rank], spec, *shape)
+
+    return run_in_threads(world, rank, timeout_s=120)
+
+
+_references: dict = {}
+
+
+def reference(key, load, shape: tuple[int, int], spec: JobSpec = SPEC) -> torch.Tensor:
+    """One worker's final latent, computed once per key."""
+    if key not in _references:
+        _references[key] = call_pipeline(load(), spec, *shape)
+    return _references[key]
+
+
+def assert_all_equal_one_worker(latents, expected) -> None:
+    for rank_latent in latents:
+        torch.testing.assert_close(rank_latent, expected, **TOLERANCE)
+    assert all(torch.equal(latents[0], other) for other in latents[1:])
+
+
+# ---------------------------------------------------------------------- every family
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sync_equals_one_worker(paths, family, world):
+    load, shape = loader(paths[family]), FAMILIES[family]
+    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
+    assert_all_equal_one_worker(latents, reference(family, load, shape))
+
+
+@pytest.mark.parametrize("policy", ["full", "partial"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_approximate_policies_run_and_report_psnr(paths, family, policy):
+    load, shape = loader(paths[family]), FAMILIES[family]
+    latents = on_ranks(load, 2, ParallelConfig(policy=policy, portion=0.3, warmup_steps=2), shape)
+    value = psnr(latents[0], reference(family, load, shape))
+    print(f"{family} {policy}: PSNR {value:.2f} dB against one worker")
+    # measured 40-90 dB: random weights keep the attention's share of the output small
+    assert 10.0 < value < float("inf")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_world_size_one_is_bit_identical(paths, family):
+    load, shape = loader(paths[family]), FAMILIES[family]
+    wrapped = parallelize(load(), LocalFabric(1).transport(0), ParallelConfig(policy="partial"))
+    assert torch.equal(call_pipeline(wrapped, SPEC, *shape), reference(family, load, shape))
+
+
+def test_plans_of_the_families(paths):
+    """What each plan splits: UNets as before; transformers by patch embedding + attn1, aligned
+    to the patch size, gathering both halves of a learned-sigma output."""
+    for family in ("tiny-sd2", "tiny-sdxl"):
+        plan = plan_for(denoiser_of(quiet_pipeline(paths[family])))
+        assert plan.family == "sd-unet" and plan.alignment == 4 and plan.strip_forward is None
+    sdxl = plan_for(denoiser_of(quiet_pipeline(paths["tiny-sdxl"])))
+    assert "mid_block.attentions.0.transformer_blocks.1.attn1" in sdxl.paths("self_attention")
+    for family, name in (("tiny-dit", "dit"), ("tiny-pixart", "pixart")):
+        plan = plan_for(denoiser_of(quiet_pipeline(paths[family])))
+        assert plan.family == name and plan.alignment == 2 and plan.output_channels == 8
+        assert plan.paths("patch_embed") == ["pos_embed"]
+        assert plan.paths("self_attention") == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+        assert {rule.kind for rule in plan.layers} == {"patch_embed", "self_attention"}
+
+
+# ---------------------------------------------------------------------- DiT / PixArt specifics
+@pytest.mark.parametrize("world", [3, 5])
+def test_dit_sync_on_three_and_five_ranks(paths, world):
+    load, shape = loader(paths["tiny-dit"]), FAMILIES["tiny-dit"]
+    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
+    assert_all_equal_one_worker(latents, reference("tiny-dit", load, shape))
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_dit_transformer_on_a_non_square_latent(paths, world):
+    """DiTPipeline only makes square images, and diffusers' DiT forward only unpatchifies square
+    token grids; the one-worker reference is that forward with the grid taken from the input
+    (the plan's ``dit_strip_forward``, equal to the library's on square grids: see below). A
+    20x12 latent (10x6 patches: positional embeddings recomputed, not the stored 8x8 table)
+    through a DDIM loop that passes the latent as ``hidden_states=``; batch of two classes."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from pcpp_runtime.models.dit import dit_strip_forward
+
+    path = paths["tiny-dit"]
+    steps = 8
+    torch.manual_seed(0)
+    start = torch.randn(2, 4, 20, 12)
+    labels = torch.tensor([3, 999])
+
+    def sample(denoiser):
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        scheduler.set_timesteps(steps)
+        x = start
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                out = denoiser(hidden_states=x, timestep=t.expand(2), class_labels=labels).sample
+                assert out.shape == (2, 8, 20, 12)
+                x = scheduler.step(out[:, :4], t, x).prev_sample
+        return x
+
+    single = DiTTransformer2DModel.from_pretrained(path, subfolder="transformer")
+    single.forward = types.MethodType(dit_strip_forward, single)
+    expected = sample(single)
+    models = [DiTTransformer2DModel.from_pretrained(path, subfolder="transformer") for _ in range(world)]
+
+    def rank(transport):
+        model = models[transport.rank]
+        denoiser = parallelize(model, transport, ParallelConfig(policy="sync"), num_steps=steps)
+        assert "forward" in vars(model)  # the plan's strip-aware forward while applied
+        result = sample(denoiser)
+        denoiser.remove()
+        assert "forward" not in vars(model)
+        return result
+
+    assert_all_equal_one_worker(run_in_threads(world, rank, timeout_s=120), expected)
+
+
+@pytest.mark.parametrize("policy", ["sync", "partial"])
+def test_dit_bytes_per_step_match_the_formula(paths, policy):
+    """The engine's and the transport's byte counts and the documented formula agree for a
+    transformer too (attention at the patch grid: resolution factor 2; no halos, no norms)."""
+    from pcpp_runtime.formulas import expected_bytes_per_step, probe_layer_shapes
+
+    path, world = paths["tiny-dit"], 3
+    model = quiet_pipeline(path).transformer
+    model_plan = plan_for(model)
+    layer_shapes = probe_layer_shapes(
+        model, model_plan, torch.zeros(2, 4, 16, 16), timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 1000])
+    )
+    config = ParallelConfig(policy=policy, portion=0.3, warmup_steps=2)
+    wrapped: dict = {}
+    on_ranks(loader(path), world, config, FAMILIES["tiny-dit"], wrapped=wrapped)
+    for rank, pipe in wrapped.items():
+        runtime = pipe.runtime
+        assert runtime.num_steps == SPEC.steps
+        for step in range(runtime.num_steps):
+            expected = expected_bytes_per_step(
+                layer_shapes, runtime.plan, model_plan, config, rank, step, runtime.num_steps,
+                runtime.is_synchronous(step), batch=2, element_size=4,
+            )
+            measured = runtime.ledger.received.get(step, {})
+            for kind in ("attention_kv", "halo", "norm", "output"):
+                assert measured.get(kind, 0) == expected[kind], f"rank {rank} step {step} {kind}"
+        assert pipe.denoiser.transport.counters.payload_received == runtime.ledger.total("received")
+
+
+def test_dit_strip_forward_is_the_library_forward_on_square_grids(paths):
+    from diffusers import DiTTransformer2DModel
+
+    from pcpp_runtime.models.dit import dit_strip_forward
+
+    model = DiTTransformer2DModel.from_pretrained(paths["tiny-dit"], subfolder="transformer")
+    torch.manual_seed(1)
+    x, t, labels = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.tensor([1, 1000])
+    with torch.no_grad():
+        expected = model(x, timestep=t, class_labels=labels).sample
+        ours = dit_strip_forward(model, x, timestep=t, class_labels=labels, return_dict=False)[0]
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pixart_non_square_image(paths, world):
+    load, shape = loader(paths["tiny-pixart"]), (32, 48)  # a 16x24 latent, 8x12 patches
+    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
+    assert latents[0].shape == (1, 4, 16, 24)
+    assert_all_equal_one_worker(latents, reference(("tiny-pixart", shape), load, shape))
+
+
+def test_pixart_sigma_pipeline(paths):
+    from diffusers import PixArtSigmaPipeline
+
+    load, shape = loader(paths["tiny-pixart"], pipeline_class=PixArtSigmaPipeline), FAMILIES["tiny-pixart"]
+    latents = on_ranks(load, 2, ParallelConfig(policy="sync"), shape)
+    assert_all_equal_one_worker(latents, reference("tiny-pixart-sigma", load, shape))
+
+
+def test_dit_class_labels_and_native_size(paths):
+    pipe = quiet_pipeline(paths["tiny-dit"])
+    assert class_label(pipe, "207") == 207
+    assert class_label(pipe, "a red circle") == class_label(pipe, " a red circle ") < 1000
+    with pytest.raises(ValueError, match="classes 0 to 999"):
+        class_label(pipe, "1000")
+    with pytest.raises(ShapeError, match="only its native 32x32 px"):
+        check_shape(pipe, 32, 48, 2, ParallelConfig())
+    check_shape(pipe, 32, 32, 5, ParallelConfig())
+
+
+# ---------------------------------------------------------------------- schedulers, refusals
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler-a", "dpm++"])
+def test_schedulers_sync_equals_one_worker_on_tiny_sd(paths, scheduler):
+    load, shape = loader(paths["tiny-sd"], scheduler), (64, 64)
+    latents = on_ranks(load, 2, ParallelConfig(policy="sync"), shape)
+    assert_all_equal_one_worker(latents, reference(("tiny-sd", scheduler), load, shape))
+
+
+def test_unknown_model_class_is_refused_with_the_supported_list():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(UnsupportedModelError) as info:
+        plan_for(model)
+    message = str(info.value)
+    assert "no plan for a Linear" in message
+    for name in ("UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel", "docs/MODELS.md"):
+        assert name in message
+    with pytest.raises(UnsupportedModelError, match="supported: UNet2DConditionModel"):
+        parallelize(model, LocalFabric(2).transport(0), ParallelConfig(), num_steps=1)
+
+
+def test_pcpp_generate_with_tiny_dit(paths, tmp_path, capsys):
+    """`pcpp generate --model tiny-dit` (in process): the prompt names the class."""
+    import json
+
+    from pcpp_runtime.cli import main
+
+    image, report = tmp_path / "dit.png", tmp_path / "dit.json"
+    code = main(["generate", "--model", "tiny-dit", "--prompt", "207", "--nproc", "3", "--steps", "4",
+                 "--warmup-steps", "2", "--policy", "partial", "--compare", "--output", str(image), "--report", str(report)])
+    assert code == 0
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(report.read_text())
+    assert data["world_size"] == 3 and (data["height"], data["width"]) == (32, 32)
+    assert data["psnr_db"] > 10 and data["engine_bytes_received"] == data["transport_bytes_received"]
+    assert "vs one worker" in capsys.readouterr().out
