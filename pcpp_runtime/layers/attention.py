@@ -96,16 +96,20 @@ class StripSelfAttention(DisplacedLayer):
         if self.needs_registration():
             self._register(batch, inner, bounds, width, kv_own.dtype, kv_own.device)
 
+        # Same posting order on every rank (fresh exchange, next step's sends, next step's
+        # receives), for transports that match messages by order alone (NCCL).
         post_next = runtime.next_step_displaced
-        if post_next:
-            self._post_sends(kv_own, bounds, width)
         if runtime.synchronous:
             parts = [
                 kv_own.new_empty(batch, (end - start) * width, 2, inner) if r != me else kv_own
                 for r, (start, end) in enumerate(bounds)
             ]
             runtime.all_gather(parts, kv_own, "attention_kv", self.where("gathering keys and values"))
+            if post_next:
+                self._post_sends(kv_own, bounds, width)
         else:
+            if post_next:  # this step's keys and values travel while this step computes
+                self._post_sends(kv_own, bounds, width)
             self.wait_received()
             request = self._request(me, runtime.step, bounds, width)
             parts = []

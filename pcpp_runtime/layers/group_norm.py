@@ -60,13 +60,17 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         local = torch.stack([mean, var], dim=-1)  # (B, G, 2)
         shape = (batch, groups, 2)
 
+        # Same posting order on every rank (fresh exchange, next step's sends, next step's
+        # receives), for transports that match messages by order alone (NCCL).
         post_next = runtime.next_step_displaced and runtime.policy.global_norm
-        if post_next:
-            self._post_sends(local, shape)
         if runtime.synchronous:
             gathered = [torch.empty(shape, dtype=torch.float32, device=x.device) for _ in range(runtime.world_size)]
             runtime.all_gather(gathered, local.contiguous(), "norm", self.where("gathering group-norm statistics"))
+            if post_next:
+                self._post_sends(local, shape)
         else:
+            if post_next:
+                self._post_sends(local, shape)
             self.wait_received()
             gathered = [self.stale[r].view(shape) if r != runtime.rank else local for r in range(runtime.world_size)]
         stats = torch.stack(gathered, dim=0)  # (N, B, G, 2)

@@ -102,12 +102,17 @@ class HaloConv2d(_StripConv):
         has_above = above_rank is not None and self.above > 0
         has_below = below_rank is not None and self.below > 0
 
+        # Posting order is the same on every rank (fresh exchange, then next step's sends, then
+        # next step's receives), so transports that match messages by order alone (NCCL) pair
+        # them right.
         post_next = runtime.next_step_displaced
-        if post_next:  # send this step's rows now: they travel while this step computes
-            self._post_sends(x, above_rank, below_rank, shape_above, shape_below)
         if runtime.synchronous:
             top, bottom = self._exchange_fresh(x, above_rank, below_rank, shape_above, shape_below)
+            if post_next:
+                self._post_sends(x, above_rank, below_rank, shape_above, shape_below)
         else:
+            if post_next:  # send this step's rows now: they travel while this step computes
+                self._post_sends(x, above_rank, below_rank, shape_above, shape_below)
             self.wait_received()
             top = self.recv_above.view(shape_above) if has_above else self.zeros_above
             bottom = self.recv_below.view(shape_below) if has_below else self.zeros_below
