@@ -65,6 +65,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps first (default 4)")
     g.add_argument("--partitioner", default="rows", help="rows (default) or weighted")
     g.add_argument("--weights", type=_weights, default=None, help="relative capacity per rank, e.g. 2,1,1")
+    g.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        help="send the unconditional and conditional halves of the guidance batch to two groups of ranks "
+        "(even world size), each splitting its half into strips",
+    )
     g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
     g.add_argument(
         "--transport",
@@ -172,6 +178,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             warmup_steps=args.warmup_steps,
             partitioner=args.partitioner,
             weights=args.weights,
+            cfg_split=args.cfg_parallel,
             timeout_s=args.timeout,
         )
         spec = JobSpec(
@@ -327,6 +334,7 @@ def _finish(args, spec, config, pipe, latents, stats, baseline, height, width, t
         "portion": config.portion,
         "warmup_steps": config.warmup_steps,
         "partitioner": config.partitioner,
+        "cfg_parallel": config.cfg_split,
         "transport": transport,
         "steps": spec.steps,
         "denoiser_calls": stats[0]["denoiser_calls"],

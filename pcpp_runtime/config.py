@@ -78,8 +78,18 @@ class ParallelConfig:
         """Raise :class:`ConfigError` if this configuration cannot run on ``world_size`` ranks."""
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ConfigError(f"world size must be an integer >= 1, got {world_size!r}")
-        if self.weights is not None and len(self.weights) != world_size:
-            raise ConfigError(f"weights has {len(self.weights)} entries but the world size is {world_size}")
+        if self.cfg_split and (world_size < 2 or world_size % 2):
+            raise ConfigError(
+                f"CFG parallel sends the two halves of the guidance batch to two equal groups of ranks, so the "
+                f"world size must be even; got {world_size} (use {max(2, world_size - 1)} or {world_size + 1} ranks, "
+                f"or drop --cfg-parallel)"
+            )
+        strips = world_size // 2 if self.cfg_split else world_size
+        if self.weights is not None and len(self.weights) != strips:
+            raise ConfigError(
+                f"weights has {len(self.weights)} entries but there are {strips} strips"
+                + (" (one per rank of a CFG group)" if self.cfg_split else f" (world size {world_size})")
+            )
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

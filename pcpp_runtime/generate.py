@@ -157,13 +157,16 @@ def check_shape(pipe, height: int, width: int, world_size: int, config: Parallel
                 f"alignment {alignment}); nearest that work: {lower or step} or {lower + step} px"
             )
     latent_rows = height // factor
-    if latent_rows // alignment < world_size:
+    strips = world_size // 2 if config.cfg_split else world_size  # CFG parallel: two groups
+    per_strip = "ranks" if not config.cfg_split else "strips per CFG group"
+    if latent_rows // alignment < strips:
+        most = latent_rows // alignment * (2 if config.cfg_split else 1)
         raise ShapeError(
             f"height {height} px ({latent_rows} latent rows) gives only {latent_rows // alignment} strip(s) of "
-            f"{alignment} rows at the model's coarsest level, too few for {world_size} ranks: use a height of "
-            f"at least {world_size * step} px or at most {latent_rows // alignment} rank(s)"
+            f"{alignment} rows at the model's coarsest level, too few for {strips} {per_strip}: use a height of "
+            f"at least {strips * step} px or at most {most} rank(s)"
         )
-    make_partitioner(config.partitioner).plan(latent_rows, width // factor, world_size, alignment, config.weights)
+    make_partitioner(config.partitioner).plan(latent_rows, width // factor, strips, alignment, config.weights)
 
 
 def psnr(test: torch.Tensor, reference: torch.Tensor, data_range: float | None = None) -> float:

@@ -26,6 +26,7 @@ from .config import ParallelConfig
 from .models import ModelPlan, plan_for
 from .runtime import RankRuntime
 from .transports.base import Transport
+from .transports.group import GroupTransport
 
 __all__ = ["ParallelDenoiser", "ParallelPipeline", "parallelize"]
 
@@ -58,8 +59,18 @@ class ParallelDenoiser:
         self.model = model
         self.transport = transport
         self.config = config or ParallelConfig()
+        self.config.check_world_size(transport.world_size)
         self.plan = plan or plan_for(model)
-        self.runtime = RankRuntime(transport, self.config, self.plan.alignment)
+        # CFG parallel: ranks [0, N/2) take the first half of the batch (unconditional), the rest
+        # the second; each half is split into strips inside its group.
+        self.cfg_group: int | None = None
+        strips = transport
+        if self.config.cfg_split:
+            half = transport.world_size // 2
+            self.cfg_group = transport.rank // half
+            strips = GroupTransport(transport, range(self.cfg_group * half, (self.cfg_group + 1) * half))
+        self.runtime = RankRuntime(strips, self.config, self.plan.alignment)
+        self._full_shape: tuple[int, ...] | None = None
         self._num_steps = num_steps
         self._steps_source = steps_source
         self._in_generation = False
@@ -71,9 +82,10 @@ class ParallelDenoiser:
 
     # ------------------------------------------------------------------ attach / remove
     def attach(self) -> None:
-        if self._applied is not None:
+        if self._hooks:
             return
-        self._applied = apply_plan(self.model, self.plan, self.runtime)
+        if self.runtime.world_size > 1:
+            self._applied = apply_plan(self.model, self.plan, self.runtime)
         self._hooks = [
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after, with_kwargs=True),
@@ -139,13 +151,16 @@ class ParallelDenoiser:
         sample = args[0] if args else kwargs[key]
         runtime = self.runtime
         if not self._in_generation:
+            self._full_shape = tuple(sample.shape)
+        elif tuple(sample.shape) != self._full_shape:
+            raise RuntimeError(f"latent shape changed from {self._full_shape} to {tuple(sample.shape)} inside a generation")
+        if self.cfg_group is not None:
+            args, kwargs = self._take_batch_half(args, kwargs, sample.shape[0])
+            sample = args[0] if args else kwargs[key]
+        if not self._in_generation:
             runtime.begin(self._generation_steps(), sample.shape)
             self._in_generation = True
             self._register_outputs(sample)
-        elif tuple(sample.shape) != runtime.batch_key[0]:
-            raise RuntimeError(
-                f"latent shape changed from {runtime.batch_key[0]} to {tuple(sample.shape)} inside a generation"
-            )
         runtime.full_input = sample
         start, end = runtime.bounds
         strip = sample[:, :, start:end]
@@ -155,12 +170,34 @@ class ParallelDenoiser:
             kwargs = dict(kwargs, **{key: strip})
         return args, kwargs
 
+    def _take_batch_half(self, args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
+        """CFG parallel: keep this group's half of every per-sample tensor (first dimension equal
+        to the latent's batch; nested in dicts such as SDXL's ``added_cond_kwargs``)."""
+        if batch % 2:
+            raise ValueError(
+                f"CFG parallel needs classifier-free guidance (a batch of unconditional + conditional "
+                f"latents), but the denoiser got a batch of {batch}; use a guidance scale > 1 or drop --cfg-parallel"
+            )
+        half = batch // 2
+        part = slice(self.cfg_group * half, (self.cfg_group + 1) * half)
+
+        def take(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                return value[part]
+            if isinstance(value, dict):
+                return {k: take(v) for k, v in value.items()}
+            return value
+
+        return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
+
     def _register_outputs(self, sample: torch.Tensor) -> None:
+        """One receive buffer per rank of the whole job: its strip of its group's batch half."""
         plan = self.runtime.plan
         batch, _, _, width = sample.shape
         channels = self.plan.output_channels
         self._out_buffers = [
-            sample.new_empty(batch, channels, plan.rows(r), width) for r in range(plan.world_size)
+            sample.new_empty(batch, channels, plan.rows(r % plan.world_size), width)
+            for r in range(self.transport.world_size)
         ]
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -168,8 +205,12 @@ class ParallelDenoiser:
         strip = output[0] if isinstance(output, tuple) else output.sample
         if strip.dtype != self._out_buffers[0].dtype:
             self._out_buffers = [b.to(strip.dtype) for b in self._out_buffers]
-        runtime.all_gather(self._out_buffers, strip.contiguous(), "output", "gathering the denoiser output")
-        full = torch.cat(self._out_buffers, dim=2)
+        runtime.all_gather(
+            self._out_buffers, strip.contiguous(), "output", "gathering the denoiser output", transport=self.transport
+        )
+        strips = runtime.world_size
+        halves = [torch.cat(self._out_buffers[g : g + strips], dim=2) for g in range(0, len(self._out_buffers), strips)]
+        full = torch.cat(halves, dim=0) if len(halves) > 1 else halves[0]
         runtime.full_input = None
         runtime.step += 1
         if runtime.step >= runtime.num_steps:

@@ -46,13 +46,15 @@ class RankRuntime:
     """The engine state of one rank.
 
     Args:
-        transport: this rank's endpoint; ``transport.world_size`` ranks split the latent.
+        transport: this rank's endpoint; ``transport.world_size`` ranks split the latent (with
+            CFG parallel, the rank's group).
         config: the job's configuration.
         alignment: strip boundaries are multiples of this many latent rows.
     """
 
     def __init__(self, transport: Transport, config: ParallelConfig, alignment: int) -> None:
-        config.check_world_size(transport.world_size)
+        if config.weights is not None and len(config.weights) != transport.world_size:
+            raise ValueError(f"weights has {len(config.weights)} entries for {transport.world_size} strips")
         self.transport = transport
         self.config = config
         self.policy: ConditioningPolicy = config.make_policy()
@@ -145,14 +147,18 @@ class RankRuntime:
         self.ledger.add_received(step, kind, buf.numel() * buf.element_size())
         return self.transport.irecv(buf, src, tag)
 
-    def all_gather(self, outputs: list[torch.Tensor], input: torch.Tensor, kind: str, where: str) -> None:
-        """Blocking all-gather for the current step, recording the bytes received."""
+    def all_gather(
+        self, outputs: list[torch.Tensor], input: torch.Tensor, kind: str, where: str, transport: Transport | None = None
+    ) -> None:
+        """Blocking all-gather for the current step over ``transport`` (default: the runtime's),
+        recording the bytes received."""
+        transport = transport or self.transport
         for peer, out in enumerate(outputs):
-            if peer != self.rank:
+            if peer != transport.rank:
                 self.ledger.add_received(self.step, kind, out.numel() * out.element_size())
                 self.ledger.add_sent(self.step, kind, input.numel() * input.element_size())
         try:
-            self.transport.all_gather(outputs, input)
+            transport.all_gather(outputs, input)
         except TransportError as exc:
             raise type(exc)(f"{where} (step {self.step}): {exc}") from exc
 

@@ -283,3 +283,13 @@ def test_pcpp_generate_with_tiny_dit(paths, tmp_path, capsys):
     assert data["world_size"] == 3 and (data["height"], data["width"]) == (32, 32)
     assert data["psnr_db"] > 10 and data["engine_bytes_received"] == data["transport_bytes_received"]
     assert "vs one worker" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cfg_parallel_sync_equals_one_worker(paths, family):
+    """CFG parallel on 2 ranks: per-sample conditioning (SDXL's added_cond_kwargs, DiT's class
+    labels, PixArt's masks) is split with the batch."""
+    load = loader(paths[family])
+    shape = FAMILIES[family]
+    latents = on_ranks(load, 2, ParallelConfig(policy="sync", cfg_split=True), shape)
+    assert_all_equal_one_worker(latents, reference(family, load, shape))

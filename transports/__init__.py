@@ -16,6 +16,7 @@ from .base import (
     TransportTimeout,
     Work,
 )
+from .group import GroupTransport
 from .local import LocalFabric, LocalTransport
 from .mpi import MPITransport, install_abort_on_error
 from .torch_dist import TorchDistTransport
@@ -25,6 +26,7 @@ __all__ = [
     "COLLECTIVE_TAG_BASE",
     "ByteCounters",
     "CompletedWork",
+    "GroupTransport",
     "LocalFabric",
     "LocalTransport",
     "MPITransport",
