@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Two local worker processes over ZeroMQ on the default model, compared with one worker.
 demo: $(STAMP)
-	$(BIN)/pcpp generate --nproc 2 --transport local --compare \
+	$(BIN)/pcpp generate --nproc 2 --transport zmq --compare \
 		--output $(OUT)/demo.png --report $(OUT)/demo.json
 
 test: $(STAMP)
