@@ -105,7 +105,12 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 class _Output:
-    """Copies one worker's pipe to ``sink`` line by line, prefixed, one write per line."""
+    """Copies one worker's pipe to ``sink`` line by line, prefixed, one write per line.
+
+    A carriage return starts a new unit too, so a progress bar that redraws its line with
+    ``\r`` (tqdm) is shown as it moves -- ``\r[rank 0] denoising: 40%...`` -- instead of
+    arriving in one piece when it ends.
+    """
 
     def __init__(self, pipe: IO[bytes], prefix: bytes, sink: IO[str], lock: threading.Lock):
         self._pipe, self._prefix, self._sink, self._lock = pipe, prefix, sink, lock
@@ -113,11 +118,32 @@ class _Output:
         self.thread.start()
 
     def _copy(self) -> None:
+        pending = b""
         with self._pipe:
-            for line in iter(lambda: self._pipe.readline(1 << 16), b""):
-                if not line.endswith(b"\n"):
-                    line += b"\n"
-                self._write(self._prefix + line)
+            for chunk in iter(lambda: self._pipe.read1(1 << 16), b""):
+                pending = self._emit_complete(pending + chunk)
+            if pending:
+                self._emit(pending if pending.endswith(b"\n") else pending + b"\n")
+
+    def _emit_complete(self, pending: bytes) -> bytes:
+        """Write every finished unit of ``pending``; return the unfinished rest."""
+        while True:
+            newline = pending.find(b"\n")
+            redraw = pending.find(b"\r", 1)  # a leading \r belongs to its own unit
+            if redraw != -1 and (newline == -1 or redraw < newline) and pending[redraw : redraw + 2] != b"\r\n":
+                self._emit(pending[:redraw])
+                pending = pending[redraw:]
+            elif newline != -1:
+                self._emit(pending[: newline + 1])
+                pending = pending[newline + 1 :]
+            else:
+                return pending
+
+    def _emit(self, unit: bytes) -> None:
+        if unit.startswith(b"\r"):
+            self._write(b"\r" + self._prefix + unit[1:])
+        elif unit:
+            self._write(self._prefix + unit)
 
     def _write(self, data: bytes) -> None:
         with self._lock:

@@ -123,6 +123,15 @@ def test_long_and_unterminated_lines_are_prefixed(capfd):
     )
 
 
+def test_progress_bar_redraws_are_prefixed_as_they_come(capfd):
+    """tqdm redraws its line with \\r; each redraw is forwarded with the rank prefix."""
+    script = "import sys; sys.stderr.write('\\rbar 1\\rbar 2\\r\\nnext\\n')"
+    assert run_workers(1, [PY, "-c", script], timeout_s=20) == 0
+    err = capfd.readouterr().err
+    assert "\r[rank 0] bar 1\r[rank 0] bar 2" in err
+    assert "[rank 0] next\n" in err
+
+
 def test_worker_environment_reads_as_local_rank():
     env = worker_env(2, 4, 29999, {"PATH": "/bin", "OMP_NUM_THREADS": "3"}, {"X": "1"})
     info = discover(env)
