@@ -1,10 +1,12 @@
-"""Built-in tiny UNet pipelines beyond ``tiny-sd``: ``tiny-sd2`` and ``tiny-sdxl``.
+"""Built-in tiny UNet pipelines: ``tiny-sd``, ``tiny-sd2`` and ``tiny-sdxl``.
 
 Random weights seeded per component (the same on every machine for a given torch version),
 character-level CLIP tokenizers (:func:`pcpp_runtime.models.tiny._write_char_tokenizer`), and
 a factor-2 VAE, so a 64 x 64 image has a 32 x 32 latent. Both UNets down-sample twice (strips
 align to 4 latent rows).
 
+* ``tiny-sd`` -- ``StableDiffusionPipeline`` shaped like SD 1.x: conv projections, heads of 4
+  and 8 channels, a 32-wide CLIP text encoder, DDIM.
 * ``tiny-sd2`` -- ``StableDiffusionPipeline`` shaped like SD 2.x: linear projections in the
   transformer blocks, 16-dimensional attention heads (tiny-sd: 4 and 8), ``upcast_attention``,
   a 64-wide CLIP text encoder, a v-prediction DDIM scheduler.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_tiny_sd2", "build_tiny_sdxl", "tiny_vae"]
+__all__ = ["build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "sd_ddim_scheduler", "tiny_vae"]
 
 
 def tiny_vae(seed: int = 2, **overrides):
@@ -59,10 +61,72 @@ def _clip_config(tokenizer, hidden: int, **extra):
     )
 
 
+def sd_ddim_scheduler(**overrides):
+    """DDIM with Stable Diffusion's settings (scaled-linear betas 0.00085-0.012, offset 1)."""
+    from diffusers import DDIMScheduler
+
+    config = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    config.update(overrides)
+    return DDIMScheduler(**config)
+
+
+def _save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler) -> None:
+    """A ``StableDiffusionPipeline`` with the tiny VAE and no safety checker, saved to ``folder``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+def build_tiny_sd(folder: Path) -> None:
+    """Write the ``tiny-sd`` pipeline into ``folder``: SD 1.x-shaped (conv projections, heads of
+    4 and 8 channels), a 32-wide CLIP text encoder, DDIM."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .tiny import _write_char_tokenizer
+
+    _write_char_tokenizer(folder / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    _save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
+
+
 def build_tiny_sd2(folder: Path) -> None:
     """Write the ``tiny-sd2`` pipeline into ``folder``."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from .tiny import _write_char_tokenizer
@@ -86,26 +150,7 @@ def build_tiny_sd2(folder: Path) -> None:
     )
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 64))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    _save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"))
 
 
 def build_tiny_sdxl(folder: Path) -> None:
