@@ -74,6 +74,7 @@ class ParallelDenoiser:
         self._num_steps = num_steps
         self._steps_source = steps_source
         self._in_generation = False
+        self._broken: str | None = None
         self._applied: AppliedPlan | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._out_buffers: list[torch.Tensor] = []
@@ -116,12 +117,17 @@ class ParallelDenoiser:
         self._in_generation = False
         self.runtime.step = 0
 
-    def abandon(self) -> None:
-        """Forget a generation that failed, without waiting on peers that may be gone."""
+    def abandon(self, reason: str = "a generation failed") -> None:
+        """Forget a generation that failed, without waiting on peers that may be gone.
+
+        Messages of that generation may still be in flight and would be taken for the next
+        one's, so this denoiser refuses further calls: reconnect the transport and wrap again.
+        """
         if self._applied is not None:
             self._applied.abandon()
         self._in_generation = False
         self.runtime.step = 0
+        self._broken = reason
 
     def stale_buffer_bytes(self) -> dict[str, int]:
         return self._applied.stale_buffer_bytes() if self._applied is not None else {}
@@ -138,6 +144,11 @@ class ParallelDenoiser:
 
     # ------------------------------------------------------------------ hooks
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"rank {self.transport.rank}: {self._broken}, and its messages may still be in flight; "
+                "connect a new transport and wrap the model again"
+            )
         for name in ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{name} (ControlNet/adapters) is not supported by patch parallelism yet")
@@ -248,8 +259,8 @@ class ParallelPipeline:
         self.denoiser.reset()
         try:
             return self.pipeline(*args, **kwargs)
-        except BaseException:
-            self.denoiser.abandon()
+        except BaseException as exc:
+            self.denoiser.abandon(f"a generation failed ({type(exc).__name__}: {exc})")
             raise
 
 

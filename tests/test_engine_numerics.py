@@ -84,3 +84,34 @@ def test_approximate_policies_run_and_report_psnr(tiny_sd_path, references, poli
     # approximate, so not identical, but the same picture: random weights amplify differences,
     # measured 20-35 dB here; 10 dB would mean a different image altogether
     assert 10.0 < value < float("inf")
+
+
+def test_a_failed_generation_stops_every_rank_and_refuses_reuse(tiny_sd_path):
+    """One rank failing mid-generation: the others stop at once with an error naming the peer
+    (not after the timeout), and the wrapped pipeline refuses to run again on stale messages."""
+    import time
+
+    from pcpp_runtime.threads import RankFailed
+
+    pipes = [quiet_pipeline(tiny_sd_path) for _ in range(3)]
+    wrapped = {}
+
+    def rank(transport):
+        wrapped[transport.rank] = parallelize(pipes[transport.rank], transport, ParallelConfig(policy="full", warmup_steps=1))
+        if transport.rank == 1:
+            calls = {"n": 0}
+
+            def fail_at_step_3(module, args):
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise ValueError("injected failure")
+
+            pipes[1].unet.register_forward_pre_hook(fail_at_step_3)
+        return call_pipeline(wrapped[transport.rank], SPEC, *SQUARE)
+
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: injected failure"):
+        run_in_threads(3, rank, timeout_s=60)
+    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match="connect a new transport"):
+        call_pipeline(wrapped[0], SPEC, *SQUARE)
