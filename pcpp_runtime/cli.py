@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_launch(sub)
     _add_info(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -164,6 +165,13 @@ def _print_info() -> int:
     for line in info["devices"]:
         print(f"  {line}")
     return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``pcpp bench`` and ``pcpp plan`` (pcpp_runtime.bench; argument parsing only, no torch)."""
+    from .bench.command import add_parsers
+
+    add_parsers(sub)
 
 
 # ---------------------------------------------------------------------- generate

@@ -1,0 +1,314 @@
+"""A cost model: step time for N workers from compute per strip and bytes per step over a link.
+
+For rank r of N at a link of payload bandwidth ``bw`` (bytes/s each way) and per-message
+latency ``lat``, with bytes from :mod:`pcpp_runtime.formulas` (``B_sync``: context a synchronous
+step exchanges, ``B_disp``: the stale context a displaced step receives, ``B_out``: the output
+all-gather, received every step), ``C_sync``/``C_disp`` the compute time of one strip at a
+synchronous/displaced step and ``E`` the number of blocking exchanges of a synchronous step::
+
+    synchronous step  T_s = C_sync + (B_sync + B_out) / bw + E * lat
+    displaced step    T_d = max(C_disp, B_disp / bw) + B_out / bw + lat
+    generation        T   = w * T_s + B_disp / bw + (S - w) * T_d        (w warm-up steps of S)
+
+At a displaced step every layer sends this step's context as soon as it has it and waits for the
+previous step's only when it needs it, so the stale context has a whole step to arrive: the step
+takes the longer of compute and transfer. The output all-gather ends every step and is not
+hidden. The step before the first displaced one also sends the first stale context (the lone
+``B_disp / bw``). The slowest rank sets the pace (the middle ranks receive from two neighbours).
+
+**Calibration** (CPU workers): ``C_sync`` and ``C_disp`` are the median warm-up and displaced step
+times of the same point measured on an unthrottled link (their own transfers there take
+milliseconds); the model then adds the throttled link's transfer times and is checked against
+the throttled runs (:func:`check_throttled`). A tbf-limited veth carries TCP payload at
+``rate / 8 * 1448 / 1514`` bytes/s (MSS over the Ethernet frame tbf counts).
+
+**GPUs** (:func:`predict_gpus`): ``C`` of one strip is the one-GPU UNet step time divided by the
+number of GPUs that share the work (ideal scaling: an upper bound on speed-up), bytes from the
+formulas on the real SDXL UNet's configuration built on the meta device (no weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "LINKS",
+    "PUBLISHED_STEP_TIMES",
+    "Link",
+    "check_throttled",
+    "formula_bytes",
+    "generation_time",
+    "predict_gpus",
+    "tbf_link",
+]
+
+# Ethernet frame (1500-byte MTU + 14-byte header, what tbf counts) carrying 1448 bytes of TCP
+# payload (1500 - 20 IP - 20 TCP - 12 timestamp option)
+TCP_EFFICIENCY = 1448 / 1514
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A link's payload bandwidth each way (bytes/s) and per-message latency (s)."""
+
+    name: str
+    bytes_per_s: float
+    latency_s: float
+    note: str = ""
+
+
+def tbf_link(rate: str | float, latency_s: float = 60e-6) -> Link:
+    """The veth pair limited by tbf to ``rate`` (tc syntax) carrying TCP."""
+    from .netns import parse_rate
+
+    bits = parse_rate(rate)
+    return Link(f"veth tbf {rate}", bits / 8 * TCP_EFFICIENCY, latency_s, "tc tbf rate x TCP payload share 1448/1514")
+
+
+#: GPU interconnects, payload bandwidth per direction (assumptions stated in docs/BENCHMARKS.md)
+LINKS: dict[str, Link] = {
+    "nvlink": Link(
+        "NVLink (A100 SXM, NVLink 3)",
+        300e9 * 0.75,
+        10e-6,
+        "12 links x 25 GB/s = 300 GB/s per direction; 75% reached by NCCL point-to-point; 10 us per message",
+    ),
+    "100gbe": Link(
+        "100 Gbit/s Ethernet",
+        100e9 / 8 * 0.9,
+        25e-6,
+        "12.5 GB/s per direction, 90% reached by large RDMA/TCP messages; 25 us per message",
+    ),
+}
+
+#: Published one-GPU SDXL step times at 1024x1024 (UNet with classifier-free guidance, batch 2, fp16)
+PUBLISHED_STEP_TIMES: dict[str, dict[str, Any]] = {
+    "a100": {
+        "seconds": 5.933 / 50,
+        "source": "fal-ai/stable-diffusion-benchmarks README: Diffusers SDXL (torch 2.1, SDPA), A100 80G SXM, "
+        "1024x1024, 50 steps, fp16: 5.933 s mean, 8.43 it/s (end to end, so 0.119 s/step bounds the UNet step)",
+    },
+}
+
+
+# ---------------------------------------------------------------------- bytes from the formulas
+def _probe(model: str, latent: int, cache: dict | None):
+    """(model plan, layer shapes) of a benchmark model at a square latent, on the meta device."""
+    key = ("probe", model, latent)
+    if cache is not None and key in cache:
+        return cache[key]
+    import torch
+
+    from pcpp_runtime.formulas import probe_layer_shapes
+    from pcpp_runtime.models import plan_for
+
+    from .model import build_unet, make_inputs
+
+    unet = build_unet(model, meta=True)
+    plan = plan_for(unet)
+    inputs = make_inputs(model, latent, device="meta")
+    shapes = probe_layer_shapes(
+        unet, plan, inputs.latents, torch.tensor(500, device="meta"), inputs.encoder_hidden_states,
+        added_cond_kwargs=inputs.added_cond_kwargs,
+    )
+    if cache is not None:
+        cache[key] = (plan, shapes)
+    return plan, shapes
+
+
+def formula_bytes(
+    model: str,
+    latent: int,
+    world: int,
+    policy: str,
+    portion: float = 0.3,
+    *,
+    steps: int = 20,
+    warmup: int = 4,
+    batch: int = 1,
+    element_size: int = 4,
+    cfg_split: bool = False,
+    cache: dict | None = None,
+) -> list[dict[str, Any]]:
+    """Per rank: bytes received at a synchronous and at a displaced step, by kind, and the
+    number of blocking exchanges of a synchronous step (``world`` strips of one latent; with
+    ``cfg_split`` every strip rank also receives the other guidance group's output strips)."""
+    from pcpp_runtime import ParallelConfig
+    from pcpp_runtime.formulas import expected_bytes_per_step
+    from pcpp_runtime.partition import make_partitioner
+
+    plan, shapes = _probe(model, latent, cache)
+    patch = make_partitioner("rows").plan(latent, latent, world, plan.alignment)
+    config = ParallelConfig(policy=policy, portion=portion, warmup_steps=max(1, warmup))
+    exchanges = sum(1 for s in shapes if s["kind"] in ("halo_conv", "group_norm", "self_attention"))
+    out = []
+    first_displaced = next((s for s in range(steps) if s >= warmup and not config.make_policy().synchronous(s, steps)), None)
+    for rank in range(world):
+        sync = expected_bytes_per_step(shapes, patch, plan, config, rank, 0, steps, True, batch, element_size)
+        disp = (
+            expected_bytes_per_step(shapes, patch, plan, config, rank, first_displaced, steps, False, batch, element_size)
+            if first_displaced is not None
+            else dict(sync)
+        )
+        if cfg_split:  # the other group's whole output
+            extra = batch * plan.output_channels * latent * latent * element_size
+            for table in (sync, disp):
+                table["output"] += extra
+                table["total"] += extra
+        out.append({"rank": rank, "sync": dict(sync), "displaced": dict(disp), "sync_exchanges": exchanges})
+    return out
+
+
+# ---------------------------------------------------------------------- the model
+def step_times(c_sync: float, c_disp: float, rank_bytes: dict[str, Any], link: Link) -> tuple[float, float]:
+    """(synchronous, displaced) step time of one rank."""
+    bw = link.bytes_per_s
+    sync, disp = rank_bytes["sync"], rank_bytes["displaced"]
+    t_sync = c_sync + sync["total"] / bw + rank_bytes["sync_exchanges"] * link.latency_s
+    t_disp = max(c_disp, (disp["total"] - disp["output"]) / bw) + disp["output"] / bw + link.latency_s
+    return t_sync, t_disp
+
+
+def generation_time(
+    c_sync: float,
+    c_disp: float,
+    ranks: Sequence[dict[str, Any]],
+    link: Link,
+    steps: int,
+    warmup: int,
+    synchronous_policy: bool = False,
+) -> dict[str, float]:
+    """Predicted seconds of a generation: the slowest rank's sum of step times."""
+    worst = None
+    for rank_bytes in ranks:
+        t_sync, t_disp = step_times(c_sync, c_disp, rank_bytes, link)
+        if synchronous_policy:
+            total = steps * t_sync
+        else:
+            w = min(warmup, steps)
+            first_stale = (rank_bytes["displaced"]["total"] - rank_bytes["displaced"]["output"]) / link.bytes_per_s
+            total = w * t_sync + (first_stale if steps > w else 0.0) + (steps - w) * t_disp
+        if worst is None or total > worst["seconds"]:
+            worst = {"seconds": total, "sync_step": t_sync, "displaced_step": t_disp, "rank": rank_bytes["rank"]}
+    assert worst is not None
+    return worst
+
+
+# ---------------------------------------------------------------------- calibration and checks
+def measured_compute(record: dict[str, Any]) -> tuple[float, float]:
+    """(C_sync, C_disp) of a measured point: median warm-up and displaced step times (slowest rank)."""
+    steps = record["step_seconds"]
+    w = record["warmup_steps"]
+    sync = steps[:w] if record["policy"] != "sync" else steps
+    disp = steps[w:] if record["policy"] != "sync" else steps
+    c_sync = statistics.median(sync[1:] if len(sync) > 1 else sync)  # the first step also registers buffers
+    c_disp = statistics.median(disp) if disp else c_sync
+    return c_sync, c_disp
+
+
+def predict_point(calibration: dict[str, Any], link: Link, cache: dict | None = None) -> dict[str, Any]:
+    """Predict a point on ``link`` from the same point measured on a fast link."""
+    c_sync, c_disp = measured_compute(calibration)
+    ranks = formula_bytes(
+        calibration["model"], calibration["latent"], calibration["world_size"], calibration["policy"],
+        calibration["portion"], steps=calibration["steps"], warmup=calibration["warmup_steps"], cache=cache,
+    )
+    prediction = generation_time(
+        c_sync, c_disp, ranks, link, calibration["steps"], calibration["warmup_steps"], calibration["policy"] == "sync"
+    )
+    prediction.update(c_sync=c_sync, c_disp=c_disp, link=link.name, bytes_per_s=link.bytes_per_s)
+    return prediction
+
+
+def check_throttled(results: dict[str, Any], cache: dict | None = None) -> list[dict[str, Any]]:
+    """For every throttled point: the model's prediction (calibrated on the unthrottled veth run
+    of the same point, else the loopback run) against the measurement."""
+    calibrations: dict[tuple, dict[str, Any]] = {}
+    for record in results.get("points", []) + results.get("throttled", []):
+        if record.get("kind") != "parallel" or record["link"] not in ("loopback", "veth"):
+            continue
+        key = (record["latent"], record["world_size"], record["label"], record["transport"])
+        if record["link"] == "veth" or key not in calibrations:
+            calibrations[key] = record
+    rows = []
+    for record in results.get("throttled", []):
+        if record["link"] in ("veth", "loopback") or record.get("kind") != "parallel":
+            continue
+        key = (record["latent"], record["world_size"], record["label"], record["transport"])
+        calibration = calibrations.get(key)
+        if calibration is None:
+            continue
+        prediction = predict_point(calibration, tbf_link(record["link"]), cache)
+        seconds = prediction["seconds"]
+        rows.append({
+            "latent": record["latent"],
+            "world_size": record["world_size"],
+            "label": record["label"],
+            "transport": record["transport"],
+            "link": record["link"],
+            "calibrated_on": calibration["link"],
+            "c_sync": prediction["c_sync"],
+            "c_disp": prediction["c_disp"],
+            "predicted_seconds": seconds,
+            "measured_seconds": record["seconds"],
+            "error_pct": 100.0 * (seconds / record["seconds"] - 1.0),
+            "predicted_speedup": record["baseline_seconds"] / seconds,
+            "measured_speedup": record["speedup"],
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------- GPUs
+def predict_gpus(
+    gpus: Sequence[int] = (4, 8),
+    links: Sequence[str] = ("nvlink", "100gbe"),
+    policies: Sequence[tuple[str, float]] = (("full", 0.3), ("partial", 0.3)),
+    *,
+    step_time_s: float | None = None,
+    fixed_s: float = 0.0,
+    latent: int = 128,
+    steps: int = 50,
+    warmup: int = 4,
+    cfg_parallel: bool = True,
+    element_size: int = 2,
+    cache: dict | None = None,
+) -> list[dict[str, Any]]:
+    """Predicted SDXL speed-ups at ``8 * latent`` pixels on N GPUs.
+
+    One GPU takes ``step_time_s`` per step (default: the published A100 figure) for the batch of
+    2 (classifier-free guidance). With ``cfg_parallel`` (DistriFusion's default) the two halves go
+    to two groups of N/2 GPUs, each splitting its half of the batch into N/2 strips; otherwise
+    all N GPUs split the batch of 2. Compute per strip: ``step_time_s / N + fixed_s``.
+    """
+    c1 = step_time_s if step_time_s is not None else PUBLISHED_STEP_TIMES["a100"]["seconds"]
+    rows = []
+    for n in gpus:
+        strips = n // 2 if cfg_parallel else n
+        batch = 1 if cfg_parallel else 2
+        compute = c1 / n + fixed_s
+        for link_name in links:
+            link = LINKS[link_name]
+            for policy, portion in policies:
+                ranks = formula_bytes("sdxl", latent, strips, policy, portion, steps=steps, warmup=warmup, batch=batch,
+                                      element_size=element_size, cfg_split=cfg_parallel, cache=cache)
+                t = generation_time(compute, compute, ranks, link, steps, warmup, policy == "sync")
+                worst = max(ranks, key=lambda r: r["displaced"]["total"])
+                rows.append({
+                    "gpus": n,
+                    "layout": f"2 CFG groups x {strips} strips" if cfg_parallel else f"{strips} strips",
+                    "link": link.name,
+                    "policy": f"partial({portion:g})" if policy == "partial" else policy,
+                    "received_per_step_max": worst["displaced"]["total"],
+                    "received_per_step_sync": worst["sync"]["total"],
+                    "compute_per_step": compute,
+                    "transfer_per_step": (worst["displaced"]["total"] - worst["displaced"]["output"]) / link.bytes_per_s,
+                    "displaced_step": t["displaced_step"],
+                    "sync_step": t["sync_step"],
+                    "seconds": t["seconds"],
+                    "one_gpu_seconds": steps * c1,
+                    "speedup": steps * c1 / t["seconds"],
+                })
+    return rows
