@@ -83,7 +83,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--world-size", type=int, default=None)
     g.add_argument("--master-addr", default=None, help="host of rank 0")
     g.add_argument("--master-port", type=int, default=None)
-    g.add_argument("--bind-addr", default=None, help="zmq: interface to bind (0.0.0.0 across machines)")
+    g.add_argument(
+        "--bind-addr",
+        default=None,
+        help="zmq: interface to bind (0.0.0.0 across machines); torch: the interface gloo/NCCL use (this host's address)",
+    )
     g.add_argument("--advertise-addr", default=None, help="zmq: the address peers use to reach this rank")
     g.add_argument("--port-range", type=_port_range, default=None, help="zmq: data ports LO-HI (firewalls)")
     g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:<local rank> when CUDA is present)")
