@@ -109,6 +109,11 @@ def test_generation_time_is_compute_or_link_bound():
     assert sync["seconds"] == pytest.approx(10 * 11.0)
     link = costmodel.tbf_link("100mbit")
     assert link.bytes_per_s == pytest.approx(12.5e6 * 1448 / 1514)
+    # a token bucket (tbf) refills while the rank computes between the exchanges of a synchronous step
+    bucket = costmodel.Link("bucket", 1e6, 0.0, burst_bytes=0.5e6)
+    layered = [dict(ranks[0], sync_exchanges=3, sync_layer_bytes=[3e6, 3e6, 3e6])]  # 9 MB in 3 exchanges
+    t = costmodel.generation_time(2.0, 0.5, layered, bucket, steps=1, warmup=1)  # 0.67 s between exchanges
+    assert t["sync_step"] == pytest.approx(2.0 + 3 * (3.0 - 0.5) + 1.0)  # the bucket's 0.5 MB go at once
 
 
 def test_formula_bytes_of_the_benchmark_model_meet_the_byte_targets():
@@ -121,6 +126,8 @@ def test_formula_bytes_of_the_benchmark_model_meet_the_byte_targets():
     assert max(r["displaced"]["total"] for r in two) / 1e6 <= 3.2
     assert mean(four_partial) <= 2.7
     assert max(r["displaced"]["total"] for r in four_full) / 1e6 <= 8.5
+    for rank in four_full:  # the per-exchange split adds up to the synchronous step's context
+        assert sum(rank["sync_layer_bytes"]) == rank["sync"]["total"] - rank["sync"]["output"]
 
 
 def _record(**fields):

@@ -6,7 +6,7 @@ step exchanges, ``B_disp``: the stale context a displaced step receives, ``B_out
 all-gather, received every step), ``C_sync``/``C_disp`` the compute time of one strip at a
 synchronous/displaced step and ``E`` the number of blocking exchanges of a synchronous step::
 
-    synchronous step  T_s = C_sync + (B_sync + B_out) / bw + E * lat
+    synchronous step  T_s = C_sync + (B_sync + B_out) / bw + E * lat   (B_sync: see tbf below)
     displaced step    T_d = max(C_disp, B_disp / bw) + B_out / bw + lat
     generation        T   = w * T_s + B_disp / bw + (S - w) * T_d        (w warm-up steps of S)
 
@@ -20,7 +20,10 @@ hidden. The step before the first displaced one also sends the first stale conte
 times of the same point measured on an unthrottled link (their own transfers there take
 milliseconds); the model then adds the throttled link's transfer times and is checked against
 the throttled runs (:func:`check_throttled`). A tbf-limited veth carries TCP payload at
-``rate / 8 * 1448 / 1514`` bytes/s (MSS over the Ethernet frame tbf counts).
+``rate / 8 * 1448 / 1514`` bytes/s (MSS over the Ethernet frame tbf counts), and its token bucket
+(10 ms of traffic) refills while a rank computes, so at a synchronous step each of the E blocking
+exchanges (one per layer, ``b_j`` bytes) costs ``max(0, b_j - min(burst, bw * C_sync / E)) / bw``
+instead of ``b_j / bw``; GPU links have no such allowance.
 
 **GPUs** (:func:`predict_gpus`): ``C`` of one strip is the one-GPU UNet step time divided by the
 number of GPUs that share the work (ideal scaling: an upper bound on speed-up), bytes from the
@@ -58,6 +61,7 @@ class Link:
     bytes_per_s: float
     latency_s: float
     note: str = ""
+    burst_bytes: float = 0.0  # a token bucket's depth (tbf): what an idle link sends at once
 
 
 def tbf_link(rate: str | float, latency_s: float = 60e-6) -> Link:
@@ -65,7 +69,9 @@ def tbf_link(rate: str | float, latency_s: float = 60e-6) -> Link:
     from .netns import parse_rate
 
     bits = parse_rate(rate)
-    return Link(f"veth tbf {rate}", bits / 8 * TCP_EFFICIENCY, latency_s, "tc tbf rate x TCP payload share 1448/1514")
+    burst = max(16 * 1024, bits / 8 / 100)  # as pcpp_runtime.bench.netns.set_rate sets it
+    return Link(f"veth tbf {rate}", bits / 8 * TCP_EFFICIENCY, latency_s, "tc tbf rate x TCP payload share 1448/1514",
+                burst_bytes=burst * TCP_EFFICIENCY)
 
 
 #: GPU interconnects, payload bandwidth per direction (assumptions stated in docs/BENCHMARKS.md)
@@ -158,7 +164,15 @@ def formula_bytes(
             for table in (sync, disp):
                 table["output"] += extra
                 table["total"] += extra
-        out.append({"rank": rank, "sync": dict(sync), "displaced": dict(disp), "sync_exchanges": exchanges})
+        # bytes of each blocking exchange of a synchronous step (one layer each), for links whose
+        # bucket refills while the rank computes between exchanges (tbf)
+        layers = []
+        for entry in shapes:
+            if entry["kind"] in ("halo_conv", "group_norm", "self_attention"):
+                one = expected_bytes_per_step([entry], patch, plan, config, rank, 0, steps, True, batch, element_size)
+                layers.append(one["total"] - one["output"])
+        out.append({"rank": rank, "sync": dict(sync), "displaced": dict(disp), "sync_exchanges": exchanges,
+                    "sync_layer_bytes": layers})
     return out
 
 
@@ -167,7 +181,16 @@ def step_times(c_sync: float, c_disp: float, rank_bytes: dict[str, Any], link: L
     """(synchronous, displaced) step time of one rank."""
     bw = link.bytes_per_s
     sync, disp = rank_bytes["sync"], rank_bytes["displaced"]
-    t_sync = c_sync + sync["total"] / bw + rank_bytes["sync_exchanges"] * link.latency_s
+    exchanges = rank_bytes["sync_exchanges"]
+    layers = rank_bytes.get("sync_layer_bytes")
+    if link.burst_bytes and layers:
+        # a token bucket refills while the rank computes between two blocking exchanges, so each
+        # exchange goes out at once up to what the bucket holds then
+        free = min(link.burst_bytes, bw * c_sync / max(1, exchanges))
+        context = sum(max(0.0, b - free) for b in layers) / bw
+    else:
+        context = (sync["total"] - sync["output"]) / bw
+    t_sync = c_sync + context + sync["output"] / bw + exchanges * link.latency_s
     t_disp = max(c_disp, (disp["total"] - disp["output"]) / bw) + disp["output"] / bw + link.latency_s
     return t_sync, t_disp
 

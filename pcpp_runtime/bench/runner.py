@@ -220,7 +220,9 @@ class _Bar:
             try:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, unit="step", leave=True, mininterval=0.5, file=sys.stderr)
+                # redrawn twice a second on a terminal; in a log file, a line every 30 s is plenty
+                interval = 0.5 if sys.stderr.isatty() else 30.0
+                self._bar = tqdm(total=total, desc=desc, unit="step", leave=True, mininterval=interval, file=sys.stderr)
             except ImportError:
                 pass
 
