@@ -25,7 +25,7 @@ from pathlib import Path
 from .tiny_transformers import build_tiny_dit, build_tiny_pixart
 from .tiny_unets import build_tiny_sd, build_tiny_sd2, build_tiny_sdxl
 
-__all__ = ["BUILTIN_MODELS", "build_tiny_sd", "builtin_model_path", "model_cache_dir"]
+__all__ = ["BUILTIN_MODELS", "TRAINED_MODELS", "build_tiny_sd", "builtin_model_path", "builtin_names", "model_cache_dir"]
 
 #: bump when a builder's output changes, so stale caches are not reused
 _BUILD_VERSION = 1
@@ -81,12 +81,26 @@ BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
 }
 
 
+#: built-in name -> folder of trained weights committed in the repo (``make train-demo`` makes them)
+TRAINED_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "demo"}
+
+
+def builtin_names() -> list[str]:
+    return sorted(TRAINED_MODELS) + sorted(BUILTIN_MODELS)
+
+
 def builtin_model_path(name: str) -> Path:
-    """The folder of built-in model ``name``, building it on first use."""
+    """The folder of built-in model ``name``: the committed weights of a trained one, or a tiny
+    random-weight one built on first use."""
+    if name in TRAINED_MODELS:
+        folder = TRAINED_MODELS[name]
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(f"the trained weights of built-in model {name!r} are missing from {folder}; run `make train-demo`")
+        return folder
     try:
         builder = BUILTIN_MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown built-in model {name!r}; built-in: {', '.join(sorted(BUILTIN_MODELS))}") from None
+        raise KeyError(f"unknown built-in model {name!r}; built-in: {', '.join(builtin_names())}") from None
     import torch
 
     target = model_cache_dir() / f"{name}-v{_BUILD_VERSION}-torch{torch.__version__.split('+')[0]}"

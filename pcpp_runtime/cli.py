@@ -50,7 +50,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate one image with the denoiser split over N workers.",
     )
     g = p.add_argument_group("image")
-    g.add_argument("--model", default="tiny-sd", help="built-in name (tiny-sd), hub id or local diffusers folder")
+    g.add_argument("--model", default="demo", help="built-in name (demo, tiny-sd, ...: see pcpp info), hub id or local diffusers folder (default demo)")
     g.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the model's)")
@@ -95,6 +95,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--output", default=None, help="PNG to write (rank 0)")
     g.add_argument("--report", default=None, help="JSON report to write (rank 0)")
     g.add_argument("--compare", action="store_true", help="also run one worker with the same seed and report the difference")
+    g.add_argument(
+        "--grid",
+        action="store_true",
+        help="one picture of one worker, sync, full, partial(--portion) and none on --nproc ranks (default 2) "
+        "in this process, each labelled with its PSNR against one worker and its bytes per step "
+        "(written to --output, default out/grid.png)",
+    )
     p.set_defaults(func=_cmd_generate)
 
 
@@ -206,6 +213,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
+    if args.grid:
+        return _generate_grid(args, spec, config, parser)
     if args.transport == "local":
         return _generate_local(args, spec, config, parser)
     from .registry import transports
@@ -316,6 +325,58 @@ def _generate_local(args, spec, config, parser) -> int:
     latents = results[0][0]
     stats = [r[1] for r in results]
     _finish(args, spec, config, first, latents, stats, baseline, height, width, transport="local")
+    return 0
+
+
+def _generate_grid(args, spec, config, parser) -> int:
+    """``--grid``: every policy on ``--nproc`` thread ranks against one worker, one picture."""
+    from .config import ConfigError
+    from .generate import check_shape, default_size, load_pipeline, write_atomically
+    from .grid import grid_policies, render_grid, run_one_worker, run_policy
+    from .threads import RankFailed
+
+    world = args.nproc or 2
+    if args.transport != "local":
+        parser.error(f"--grid runs every policy in this process over the local transport; leave out --transport {args.transport}")
+    if world < 2:
+        parser.error(f"--grid compares policies across workers: --nproc must be at least 2, got {world}")
+    _quiet_libraries()
+    try:
+        first = load_pipeline(spec.model, spec.scheduler)
+        height, width = spec.height or default_size(first)[0], spec.width or default_size(first)[1]
+        check_shape(first, height, width, world, config)
+    except (ConfigError, ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    first.set_progress_bar_config(disable=True)
+    policies = grid_policies(config.portion, config.warmup_steps, config.timeout_s)
+    output = args.output or os.path.join("out", "grid.png")
+    runs = []
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=1 + len(policies), desc="grid", unit="run", file=sys.stderr)
+        reference = run_one_worker(spec.model, spec, height, width, pipe=first)
+        runs.append(reference)
+        bar.update()
+        for label, policy_config in policies:
+            bar.set_postfix_str(label)
+            runs.append(run_policy(spec.model, spec, world, policy_config, label, reference))
+            bar.update()
+        bar.close()
+    except RankFailed as exc:
+        print(f"pcpp generate --grid: {exc}", file=sys.stderr)
+        return 1
+    title = f'"{spec.prompt}"  seed {spec.seed}, {spec.steps} steps ({config.warmup_steps} warm-up), {world} workers'
+    render_grid(runs, title, output)
+    report = {"model": spec.model, "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps,
+              "warmup_steps": config.warmup_steps, "world_size": world, "height": height, "width": width,
+              "runs": [run.to_dict() for run in runs]}
+    if args.report:
+        write_atomically(args.report, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
+    for run in runs[1:]:
+        quality = "identical" if run.psnr_db is None else f"image PSNR {run.psnr_db:.2f} dB, SSIM {run.ssim:.4f}"
+        print(f"  {run.label:>14}: {quality}, {run.mb_per_step:.3f} MB received per rank per step")
+    print(f"  grid: {output}" + (f"\n  report: {args.report}" if args.report else ""), flush=True)
     return 0
 
 

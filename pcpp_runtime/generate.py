@@ -56,7 +56,7 @@ class JobSpec:
     Such pipelines also ignore ``negative_prompt`` and generate only their native size.
     """
 
-    model: str = "tiny-sd"
+    model: str = "demo"
     prompt: str = "a red circle at the top left and a blue square at the bottom"
     negative_prompt: str | None = None
     height: int | None = None
@@ -80,9 +80,9 @@ class JobSpec:
 def resolve_model(model: str) -> str:
     """A built-in name (``tiny-sd``) becomes its local folder; anything else is passed to
     ``from_pretrained`` as given (a hub id or a folder)."""
-    from .models.tiny import BUILTIN_MODELS, builtin_model_path
+    from .models.tiny import builtin_model_path, builtin_names
 
-    if model in BUILTIN_MODELS:
+    if model in builtin_names():
         return str(builtin_model_path(model))
     return model
 

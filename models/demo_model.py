@@ -1,0 +1,141 @@
+"""The built-in ``demo`` model: a small ``StableDiffusionPipeline`` trained on :mod:`.shapes`.
+
+Components (untrained here; :mod:`.train_demo` trains them and saves the pipeline):
+
+* VAE: ``AutoencoderKL``, four blocks of 8/16/32/64 channels, 2 norm groups, factor 8, 4 latent channels
+  (a 256 x 256 image has a 32 x 32 latent);
+* UNet: ``UNet2DConditionModel``, 32/64/128 channels, one layer per block, group norm (16
+  groups), self- and cross-attention at the 16 x 16 and 8 x 8 resolutions (two down-samplings:
+  strips align to 4 latent rows);
+* text encoder: a 2-layer, 64-wide ``CLIPTextModel``;
+* tokenizer: a ``CLIPTokenizer`` whose BPE merges spell every caption word as one token
+  (:func:`write_word_tokenizer`); other text falls back to single characters;
+* scheduler: DDIM with Stable Diffusion's scaled-linear betas.
+
+The trained weights live in ``models/demo/`` (about 20 MB of safetensors) and are loaded with
+``StableDiffusionPipeline.from_pretrained`` like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .shapes import caption_words
+from .tiny import _byte_characters
+from .tiny_unets import sd_ddim_scheduler
+
+__all__ = ["DEMO_DIR", "IMAGE_SIZE", "demo_components", "write_word_tokenizer"]
+
+#: where the trained pipeline is committed
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+IMAGE_SIZE = 256
+MAX_TOKENS = 32
+
+
+def write_word_tokenizer(folder: Path, words: list[str] | None = None) -> None:
+    """A ``CLIPTokenizer`` in ``folder`` that spells each of ``words`` (default: every caption word)
+    as one token.
+
+    The vocabulary holds the 256 byte characters (alone and word-final), the pieces the merges
+    make, the words themselves and the two special tokens; ``merges.txt`` joins each word's pieces
+    front to back, taking into account the merges earlier words added. A word outside the list is split into whatever pieces the merges make (never unknown).
+    """
+    from transformers import CLIPTokenizer
+
+    words = caption_words() if words is None else words
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    for char in _byte_characters():
+        add(char)
+    for char in _byte_characters():
+        add(char + "</w>")
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(pieces) > 1:  # earlier words' merges may have split this one differently:
+            ranks[(pieces[0], pieces[1])] = len(ranks)  # join what is there, front to back
+            add(pieces[0] + pieces[1])
+            pieces = _apply_merges(pieces, ranks)
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as CLIP's tokenizer does it: join the adjacent pair of lowest
+    rank, everywhere it occurs, until no pair has a rank."""
+    while len(pieces) > 1:
+        ranked = [(ranks[pair], pair) for pair in zip(pieces, pieces[1:]) if pair in ranks]
+        if not ranked:
+            break
+        _, (left, right) = min(ranked)
+        joined, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and pieces[i] == left and pieces[i + 1] == right:
+                joined.append(left + right)
+                i += 2
+            else:
+                joined.append(pieces[i])
+                i += 1
+        pieces = joined
+    return pieces
+
+
+def demo_components(tokenizer, seed: int = 0) -> dict:
+    """Untrained ``vae``, ``unet``, ``text_encoder`` and ``scheduler``, each seeded from ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        # two groups, not one per channel: a group norm over one channel erases the channel's
+        # mean, and with it the plain colour of a background (the VAE then cannot learn colours)
+        norm_num_groups=2,
+        sample_size=IMAGE_SIZE,
+    )
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": sd_ddim_scheduler()}

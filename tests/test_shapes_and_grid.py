@@ -1,0 +1,135 @@
+"""The shapes data set, the demo tokenizer, SSIM and `pcpp generate --grid` (no trained weights needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pcpp_runtime.grid import image_psnr, ssim
+from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, check_image, prompt_of
+from pcpp_runtime.models.shapes import (
+    COLOURS,
+    POSITIONS,
+    Scene,
+    Shape,
+    caption_words,
+    region_colour_shares,
+    render,
+    sample_scene,
+)
+
+
+def test_scenes_are_reproducible_from_their_seed_and_captions_use_the_vocabulary():
+    a = [sample_scene(np.random.default_rng(7)) for _ in range(1)]
+    b = [sample_scene(np.random.default_rng(7)) for _ in range(1)]
+    assert a == b
+    rng = np.random.default_rng(0)
+    words = set(caption_words())
+    counts = {1: 0, 2: 0, 3: 0}
+    for _ in range(300):
+        scene = sample_scene(rng)
+        counts[len(scene.shapes)] += 1
+        assert set(scene.caption.split()) <= words, scene.caption
+        assert len({s.position for s in scene.shapes}) == len(scene.shapes)  # one shape per cell
+        assert len({s.colour for s in scene.shapes}) == len(scene.shapes)
+    assert all(n > 50 for n in counts.values()), counts
+    image = render(scene)
+    assert image.shape == (3, 256, 256) and image.dtype == np.float32
+    assert image.min() >= -1.0 and image.max() <= 1.0
+
+
+def test_large_shapes_cross_the_strip_boundaries_of_four_workers():
+    """The data set is meant to put shapes across strip boundaries (rows 64, 128, 192 of 256)."""
+    rng = np.random.default_rng(1)
+    crossing = 0
+    for _ in range(200):
+        shape = sample_scene(rng, max_shapes=1).shapes[0]
+        drawn = np.abs(render(Scene((shape,), ("white", "white"))) - render(Scene((), ("white", "white")))).sum(axis=0)
+        rows = np.flatnonzero(drawn.sum(axis=1) > 0)
+        if any(rows.min() < b <= rows.max() for b in (64, 128, 192)):
+            crossing += 1
+    assert crossing / 200 > 0.6, crossing
+
+
+def test_region_check_finds_the_drawn_colour_in_its_cell_and_rejects_others():
+    for colour, kind, cell in FIDELITY_PROMPTS:
+        (row, col), _ = POSITIONS[cell]
+        size = 0.08 if kind == "stripe" else 0.15
+        shape = Shape(kind, colour, cell, ((row + 0.5) / 3, (col + 0.5) / 3), size)
+        image = render(Scene((shape,), ("grey", "dark")))
+        passed, share, strongest = check_image(image, colour, cell)
+        assert passed and strongest == colour, (colour, kind, cell, share)
+        # the same picture does not pass for another colour, nor for the opposite cell
+        other = next(c for c in COLOURS if c != colour)
+        assert not check_image(image, other, cell)[0]
+        opposite = {(r, c): name for name, ((r, c), _) in POSITIONS.items()}[(2 - row, 2 - col)]
+        if opposite != cell and kind != "stripe":
+            assert not check_image(image, colour, opposite)[0]
+    uint8 = ((render(Scene((Shape("circle", "red", "center", (0.5, 0.5), 0.2),), ("white", "white"))) + 1) * 127.5)
+    shares = region_colour_shares(uint8.round().astype(np.uint8).transpose(1, 2, 0), "center")
+    assert shares["red"] > 0.5 and max(v for k, v in shares.items() if k != "red") == 0.0
+
+
+def test_demo_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from pcpp_runtime.models.demo_model import write_word_tokenizer
+
+    write_word_tokenizer(tmp_path)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    for word in caption_words():
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    assert len(tokenizer("an orange triangle at the bottom right").input_ids) == 2 + 7
+    assert tokenizer.unk_token_id not in tokenizer("a pink dog").input_ids[1:-1]  # other words: characters
+    assert prompt_of("orange", "circle", "left") == "an orange circle on the left"
+
+
+def test_ssim_and_psnr_of_images():
+    torch.manual_seed(0)
+    x = torch.rand(3, 64, 64)
+    assert ssim(x, x) == pytest.approx(1.0)
+    assert image_psnr(x, x) == float("inf")
+    values = [ssim((x + s * torch.randn_like(x)).clamp(0, 1), x) for s in (0.01, 0.05, 0.2)]
+    assert values[0] > values[1] > values[2] > 0.0
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert ssim(noisy, x) == pytest.approx(ssim(x, noisy))  # symmetric
+    # a constant image against a shifted constant: structure term 1, luminance term < 1
+    a, b = torch.full((1, 16, 16), 0.5), torch.full((1, 16, 16), 0.6)
+    assert ssim(a, b) == pytest.approx((2 * 0.5 * 0.6 + 1e-4) / (0.25 + 0.36 + 1e-4))
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(x, x[:, :32])
+
+
+def _pcpp(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pcpp_runtime.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_generate_grid_writes_one_labelled_picture_and_a_report(tmp_path):
+    from PIL import Image
+
+    out, report = tmp_path / "grid.png", tmp_path / "grid.json"
+    done = _pcpp("generate", "--model", "tiny-sd", "--grid", "--nproc", "2", "--steps", "4", "--warmup-steps", "1",
+                 "--output", str(out), "--report", str(report))
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(report.read_text())
+    labels = [run["label"] for run in data["runs"]]
+    assert labels == ["1 worker", "sync", "full", "partial(0.3)", "none"]
+    runs = {run["label"]: run for run in data["runs"]}
+    assert runs["sync"]["image_psnr_db"] is None or runs["sync"]["image_psnr_db"] > 80  # sync = one worker
+    assert runs["none"]["mb_received_per_step"] < runs["partial(0.3)"]["mb_received_per_step"] < runs["full"]["mb_received_per_step"]
+    image = Image.open(out)
+    assert image.size[0] >= 5 * 192  # five tiles side by side
+    assert "partial(0.3)" in done.stdout and str(out) in done.stdout
+
+
+def test_generate_grid_refuses_a_process_transport_and_one_worker():
+    done = _pcpp("generate", "--model", "tiny-sd", "--grid", "--transport", "zmq")
+    assert done.returncode == 2 and "local transport" in done.stderr
+    done = _pcpp("generate", "--model", "tiny-sd", "--grid", "--nproc", "1")
+    assert done.returncode == 2 and "at least 2" in done.stderr
