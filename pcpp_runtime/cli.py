@@ -264,7 +264,7 @@ def _generate_on_process(args, spec, config, parser) -> int:
         pipe = load_pipeline(spec.model, spec.scheduler, device=device)
         height, width = spec.height or default_size(pipe)[0], spec.width or default_size(pipe)[1]
         check_shape(pipe, height, width, info.world_size, config)
-    except (ConfigError, ValueError, KeyError) as exc:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
     prefix = f"pcpp generate [rank {info.rank}/{info.world_size}, {args.transport}]"
     try:
@@ -313,7 +313,7 @@ def _generate_local(args, spec, config, parser) -> int:
         first = load_pipeline(spec.model, spec.scheduler)
         height, width = spec.height or default_size(first)[0], spec.width or default_size(first)[1]
         check_shape(first, height, width, world, config)
-    except (ConfigError, ValueError, KeyError) as exc:
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
     baseline = _baseline(first, spec, height, width) if args.compare else None
     pipes = [first] + [load_pipeline(spec.model, spec.scheduler) for _ in range(world - 1)]
@@ -331,8 +331,8 @@ def _generate_local(args, spec, config, parser) -> int:
 def _generate_grid(args, spec, config, parser) -> int:
     """``--grid``: every policy on ``--nproc`` thread ranks against one worker, one picture."""
     from .config import ConfigError
-    from .generate import check_shape, default_size, load_pipeline, write_atomically
-    from .grid import grid_policies, render_grid, run_one_worker, run_policy
+    from .generate import check_shape, default_size, write_atomically
+    from .grid import grid_policies, load_quiet_pipelines, render_grid, run_one_worker, run_policy
     from .threads import RankFailed
 
     world = args.nproc or 2
@@ -342,12 +342,12 @@ def _generate_grid(args, spec, config, parser) -> int:
         parser.error(f"--grid compares policies across workers: --nproc must be at least 2, got {world}")
     _quiet_libraries()
     try:
-        first = load_pipeline(spec.model, spec.scheduler)
-        height, width = spec.height or default_size(first)[0], spec.width or default_size(first)[1]
-        check_shape(first, height, width, world, config)
-    except (ConfigError, ValueError, KeyError) as exc:
+        pipes = load_quiet_pipelines(spec.model, 1, spec.scheduler)
+        height, width = spec.height or default_size(pipes[0])[0], spec.width or default_size(pipes[0])[1]
+        check_shape(pipes[0], height, width, world, config)
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    first.set_progress_bar_config(disable=True)
+    pipes += load_quiet_pipelines(spec.model, world - 1, spec.scheduler)
     policies = grid_policies(config.portion, config.warmup_steps, config.timeout_s)
     output = args.output or os.path.join("out", "grid.png")
     runs = []
@@ -355,12 +355,12 @@ def _generate_grid(args, spec, config, parser) -> int:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=1 + len(policies), desc="grid", unit="run", file=sys.stderr)
-        reference = run_one_worker(spec.model, spec, height, width, pipe=first)
+        reference = run_one_worker(pipes[0], spec, height, width)
         runs.append(reference)
         bar.update()
         for label, policy_config in policies:
             bar.set_postfix_str(label)
-            runs.append(run_policy(spec.model, spec, world, policy_config, label, reference))
+            runs.append(run_policy(pipes, spec, height, width, world, policy_config, label, reference))
             bar.update()
         bar.close()
     except RankFailed as exc:

@@ -19,10 +19,20 @@ from typing import Any
 import torch
 
 from .config import ParallelConfig
-from .generate import JobSpec, call_pipeline, load_pipeline, run_rank
+from .generate import JobSpec, call_pipeline, load_pipeline
+from .parallel import parallelize
 from .threads import run_in_threads
 
-__all__ = ["PolicyRun", "grid_policies", "image_psnr", "render_grid", "run_one_worker", "run_policy", "ssim"]
+__all__ = [
+    "PolicyRun",
+    "grid_policies",
+    "image_psnr",
+    "load_quiet_pipelines",
+    "render_grid",
+    "run_one_worker",
+    "run_policy",
+    "ssim",
+]
 
 
 @dataclass
@@ -65,28 +75,44 @@ def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     return (image[0].float() / 2 + 0.5).clamp(0, 1)
 
 
-def _quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def load_quiet_pipelines(model: str, count: int, scheduler: str | None = None) -> list:
+    """``count`` copies of the pipeline (one per rank; loading is not thread-safe, so it happens
+    here, before the threads start), progress bars off."""
+    pipes = [load_pipeline(model, scheduler) for _ in range(count)]
+    for pipe in pipes:
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
 
 
-def run_one_worker(model: str, spec: JobSpec, height: int, width: int, pipe=None) -> PolicyRun:
+def run_one_worker(pipe, spec: JobSpec, height: int, width: int) -> PolicyRun:
     """The reference: the unwrapped pipeline on one worker."""
-    pipe = pipe if pipe is not None else _quiet(load_pipeline(model, spec.scheduler))
     latents = call_pipeline(pipe, spec, height, width)
     return PolicyRun("1 worker", _decode(pipe, latents), latents, 1)
 
 
-def run_policy(model: str, spec: JobSpec, world: int, config: ParallelConfig, label: str, reference: PolicyRun) -> PolicyRun:
-    """``world`` ranks as threads over the local transport; compared with ``reference``."""
+def run_policy(pipes: list, spec: JobSpec, height: int, width: int, world: int, config: ParallelConfig, label: str,
+               reference: PolicyRun) -> PolicyRun:
+    """``world`` ranks (``pipes[r]`` on rank ``r``) as threads over the local transport, compared
+    with ``reference``. The pipelines are unwrapped again afterwards, so they can be reused."""
     from .generate import psnr
 
-    pipes = [_quiet(load_pipeline(model, spec.scheduler)) for _ in range(world)]  # loading is not thread-safe
-    results = run_in_threads(world, lambda tr: run_rank(pipes[tr.rank], tr, spec, config), config.timeout_s * 4)
+    if len(pipes) < world:
+        raise ValueError(f"{world} ranks need {world} pipelines, got {len(pipes)}")
+
+    def rank(transport):
+        parallel = parallelize(pipes[transport.rank], transport, config)
+        try:
+            latents = call_pipeline(parallel, spec, height, width)
+            steps = parallel.runtime.num_steps
+            after = range(min(config.warmup_steps, steps), steps)
+            return latents, parallel.runtime.ledger.per_step_mean(after, "received")["total"]
+        finally:
+            parallel.denoiser.remove()
+
+    results = run_in_threads(world, rank, config.timeout_s * 4)
     latents = results[0][0]
-    received = [stats["received_per_step"]["total"] for _, stats in results]
+    received = [r[1] for r in results]
     pixels = _decode(pipes[0], latents)
-    latent_psnr = psnr(latents, reference.latents)
     return PolicyRun(
         label,
         pixels,
@@ -95,7 +121,7 @@ def run_policy(model: str, spec: JobSpec, world: int, config: ParallelConfig, la
         mb_per_step=sum(received) / len(received) / 1e6,
         psnr_db=_finite(image_psnr(pixels, reference.pixels)),
         ssim=ssim(pixels, reference.pixels),
-        latent_psnr_db=_finite(latent_psnr),
+        latent_psnr_db=_finite(psnr(latents, reference.latents)),
     )
 
 

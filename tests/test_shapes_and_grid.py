@@ -133,3 +133,22 @@ def test_generate_grid_refuses_a_process_transport_and_one_worker():
     assert done.returncode == 2 and "local transport" in done.stderr
     done = _pcpp("generate", "--model", "tiny-sd", "--grid", "--nproc", "1")
     assert done.returncode == 2 and "at least 2" in done.stderr
+
+
+def test_pipelines_are_unwrapped_after_a_policy_run_and_give_the_same_result_again():
+    from pcpp_runtime import ParallelConfig
+    from pcpp_runtime.generate import JobSpec
+    from pcpp_runtime.grid import load_quiet_pipelines, run_one_worker, run_policy
+
+    spec = JobSpec(model="tiny-sd", steps=4, seed=1)
+    pipes = load_quiet_pipelines("tiny-sd", 2)
+    reference = run_one_worker(pipes[0], spec, 64, 64)
+    config = ParallelConfig(policy="partial", portion=0.3, warmup_steps=1)
+    first = run_policy(pipes, spec, 64, 64, 2, config, "partial", reference)
+    again = run_policy(pipes, spec, 64, 64, 2, config, "partial", reference)
+    assert torch.equal(first.latents, again.latents)
+    assert first.mb_per_step == again.mb_per_step > 0
+    # and the unwrapped pipeline is one worker again
+    assert torch.equal(run_one_worker(pipes[0], spec, 64, 64).latents, reference.latents)
+    with pytest.raises(ValueError, match="need 4 pipelines"):
+        run_policy(pipes, spec, 64, 64, 4, config, "partial", reference)
