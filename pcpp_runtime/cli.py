@@ -159,7 +159,7 @@ def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="what is available here: transports, policies, partitioners, devices")
+    p = sub.add_parser("info", help="what is available here: transports, policies, partitioners, built-in models, devices")
     p.set_defaults(func=lambda args, parser: _print_info())
 
 
@@ -172,6 +172,7 @@ def _print_info() -> int:
         print(f"  {name:8s} {'yes' if ok else 'no ':3s}  {detail}")
     print(f"policies:     {', '.join(info['policies'])}")
     print(f"partitioners: {', '.join(info['partitioners'])}")
+    print(f"models:       {', '.join(info['models'])}")
     print("devices:")
     for line in info["devices"]:
         print(f"  {line}")

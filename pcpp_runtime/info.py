@@ -1,4 +1,4 @@
-"""What `pcpp info` reports: which transports can start here, plugins, devices."""
+"""What `pcpp info` reports: which transports can start here, plugins, built-in models, devices."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from .registry import partitioners, policies, transports
 
-__all__ = ["collect_info", "transport_status"]
+__all__ = ["builtin_models", "collect_info", "transport_status"]
 
 
 def transport_status(name: str) -> tuple[bool, str]:
@@ -47,12 +47,24 @@ def transport_status(name: str) -> tuple[bool, str]:
     return True, "plugin"
 
 
+def builtin_models() -> list[str]:
+    """Built-in model names, the trained ones marked with whether their weights are here."""
+    from .models.tiny import BUILTIN_MODELS, TRAINED_MODELS
+
+    names = []
+    for name, folder in sorted(TRAINED_MODELS.items()):
+        state = "trained" if (folder / "model_index.json").exists() else "weights missing: make train-demo"
+        names.append(f"{name} ({state})")
+    return names + [f"{name} (random weights)" for name in sorted(BUILTIN_MODELS)]
+
+
 def collect_info() -> dict[str, Any]:
     names = transports.names()
     info: dict[str, Any] = {
         "transports": {name: transport_status(name) for name in names},
         "policies": policies.names(),
         "partitioners": partitioners.names(),
+        "models": builtin_models(),
     }
     import torch
 
