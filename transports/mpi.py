@@ -253,7 +253,8 @@ class MPITransport(Transport):
         return self._data, tag
 
     def _check_device(self, buf: torch.Tensor, op: str) -> None:
-        if buf.device.type != self.device.type:
+        # host buffers always travel (the default barrier's token is one, on a CUDA transport too)
+        if buf.device.type not in (self.device.type, "cpu"):
             raise ValueError(f"{self.describe(op=op)}: buffer is on {buf.device}, this transport uses {self.device}")
 
     def _device_bytes(self, buf: torch.Tensor) -> torch.Tensor:

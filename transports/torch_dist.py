@@ -12,13 +12,13 @@ Which rank does what:
 
 What ``wait`` means here:
 
-* **gloo** (CPU): host completion. ``Work.wait(timeout)`` calls torch's ``Work.wait`` with a
-  ``timedelta``, which gloo honours: it raises after the timeout (mapped to
-  :class:`~.base.TransportTimeout`). gloo then closes the connection to that peer, so the peer's
-  own pending operations fail at once with :class:`~.base.PeerFailed` instead of waiting for
-  their own timeouts: a timeout is fatal for the job, as it should be. gloo reports the
-  completion of a point-to-point operation only inside ``wait``, so ``is_completed()`` stays
-  False until ``wait`` has returned.
+* **gloo** (CPU, or CUDA buffers staged through host memory: below): host completion.
+  ``Work.wait(timeout)`` calls torch's ``Work.wait`` with a ``timedelta``, which gloo honours:
+  it raises after the timeout (mapped to :class:`~.base.TransportTimeout`). gloo then closes
+  the connection to that peer, so the peer's own pending operations fail at once with
+  :class:`~.base.PeerFailed` instead of waiting for their own timeouts: a timeout is fatal for
+  the job, as it should be. gloo reports the completion of a point-to-point operation only
+  inside ``wait``, so ``is_completed()`` stays False until ``wait`` has returned.
 * **NCCL** (CUDA): ``isend``/``irecv`` only queue the operation; the first ``wait`` or
   ``is_completed`` on any of them launches everything queued so far as one
   ``batch_isend_irecv`` group (so a rank may post ``irecv`` then ``isend`` to a peer that does
@@ -28,6 +28,12 @@ What ``wait`` means here:
 
 A peer that exits mid-run closes its gloo connections; the operations of the other ranks with it
 fail within about a second with :class:`~.base.PeerFailed`.
+
+CUDA buffers on gloo (``device="cuda"``, ``backend="gloo"``: several ranks sharing one GPU,
+where NCCL refuses to run): gloo only reads and writes host memory, so a send copies the buffer
+to the host first (synchronising the current stream) and a receive lands in host memory and is
+copied to the device when ``wait`` completes. :meth:`barrier` sends its token on the transport's
+device (NCCL carries no CPU tensors).
 
 Limits: one :class:`TorchDistTransport` per process (torch.distributed keeps a process-wide
 default group). On NCCL, tags are ignored: point-to-point messages between a pair of ranks are
@@ -285,6 +291,16 @@ class TorchDistTransport(Transport):
     def _post(self, kind: str, buf: torch.Tensor, peer: int, tag: int, op: str, on_done: Any) -> _TorchWork:
         dist = self._require(kind)
         fn = dist.isend if kind == "isend" else dist.irecv
+        if self.backend == "gloo" and buf.device.type != "cpu":  # gloo reads and writes host memory only
+            if kind == "isend":
+                buf = buf.detach().cpu()
+            else:
+                device_buf, buf, counted = buf, torch.empty(buf.shape, dtype=buf.dtype), on_done
+
+                def on_done() -> None:
+                    device_buf.copy_(buf)
+                    counted()
+
         if self._batch_p2p:  # queued; launched as one batch by the first wait
             work = _TorchWork(self, None, op, peer, self.backend, on_done)
             with self._nccl_lock:
@@ -313,6 +329,12 @@ class TorchDistTransport(Transport):
             for i, (_, work) in enumerate(queued):
                 # one handle per op, or one handle for the whole coalesced group
                 work._attach([handles[i]] if len(handles) == len(queued) else handles)
+
+    def barrier(self, timeout: float | None = None) -> None:
+        """Return once every rank has entered the barrier (the token lives on this transport's
+        device: NCCL carries no CPU tensors)."""
+        token = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        self.all_reduce(token, "sum", timeout)
 
     # ----------------------------------------------------------------- objects
     def send_object(self, obj: Any, dst: int) -> None:
