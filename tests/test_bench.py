@@ -87,11 +87,24 @@ def test_plan_predicts_sdxl_on_gpus(tmp_path, capsys):
     target = tmp_path / "plan.json"
     assert main(["plan", "--gpus", "8", "--links", "100gbe", "--json", str(target)]) == 0
     printed = capsys.readouterr().out
-    assert "fal-ai/stable-diffusion-benchmarks" in printed and "2.36-8.02x" in printed
+    assert "measured on NVIDIA H100" in printed and "2.36-8.02x" in printed
     rows = {r["policy"]: r for r in json.loads(target.read_text())["gpus"]}
     full, partial = rows["full"], rows["partial(0.3)"]
     assert partial["received_per_step_max"] < 0.35 * full["received_per_step_max"]
     assert 1 < full["speedup"] < partial["speedup"] <= 8
+
+
+def test_gpu_compute_measured_per_strip_or_ideal_scaling():
+    measured = costmodel.MEASURED_STRIP_TIMES["h100"]["ms"]
+    one, c_sync, c_disp = costmodel.gpu_compute("h100", 4, 1, "partial", 0.3)  # 8 GPUs in 2 CFG groups
+    assert one == measured[2][1]["stock"] / 1e3 and c_disp == measured[1][4]["partial(0.3)"] / 1e3
+    one, c_sync, c_disp = costmodel.gpu_compute("a100", 4, 1, "full")
+    assert c_sync == c_disp == pytest.approx(one / 8)
+    assert costmodel.gpu_compute("h100", 4, 1, "full", step_time_s=0.8)[1:] == pytest.approx((0.1, 0.1))
+    with pytest.raises(ValueError, match=r"partial\(0.1\)"):
+        costmodel.gpu_compute("h100-eager", 2, 2, "partial", 0.1)
+    with pytest.raises(ValueError, match="unknown GPU compute"):
+        costmodel.gpu_compute("v100", 2, 2, "full")
 
 
 def test_generation_time_is_compute_or_link_bound():

@@ -165,15 +165,19 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         help="cost model: predicted step time and speed-up for N workers over a link",
         description="Predict step time and speed-up from compute per strip and bytes per step over a link. "
         "Without --from: SDXL at 1024x1024 on N GPUs over NVLink and 100 Gbit/s Ethernet (bytes from the formulas on "
-        "SDXL's UNet configuration, built on the meta device; compute from a published one-GPU step time). With "
+        "SDXL's UNet configuration, built on the meta device; compute per strip measured on one H100, see --compute). With "
         "--from: the model calibrated on a pcpp bench run, checked against its throttled points, and its predictions "
         "for --bandwidth.",
     )
     p.add_argument("--gpus", type=_ints, default=[4, 8], help="GPU counts (default 4,8)")
-    p.add_argument("--links", type=_names, default=["nvlink", "100gbe"], help="nvlink, 100gbe (default both)")
+    p.add_argument("--links", type=_names, default=["nvlink4", "100gbe"],
+                   help="nvlink (A100), nvlink4 (H100), 100gbe (default nvlink4,100gbe)")
+    p.add_argument("--compute", default="h100",
+                   help="compute per strip: h100 (measured, CUDA graph: the GPU's own time; default), h100-eager "
+                   "(measured, the engine in eager PyTorch), a100 (published one-GPU step / GPUs)")
     p.add_argument("--policies", type=_policies, default=None, help="default full,partial:0.3")
     p.add_argument("--step-time", type=float, default=None,
-                   help="one-GPU UNet step (batch 2 with guidance) in seconds (default: the published A100 figure)")
+                   help="one-GPU UNet step (batch 2 with guidance) in seconds, divided by the GPUs (overrides --compute)")
     p.add_argument("--fixed-ms", type=float, default=0.0, help="per-step compute that does not shrink with the strip, ms")
     p.add_argument("--latent", type=int, default=128, help="latent size (default 128 = 1024x1024 pixels)")
     p.add_argument("--steps", type=int, default=50, help="steps (default 50, as the references)")
@@ -224,24 +228,27 @@ def _cmd_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     print(f"  {record['latent']}² n={record['world_size']} {record['label']:13s} {record['transport']:5s} "
                           f"@{rate:8s} {pred['seconds']:7.2f} s  {row['speedup']:.2f}x")
         print()
-    rows = costmodel.predict_gpus(
-        args.gpus, args.links, policies, step_time_s=args.step_time, fixed_s=args.fixed_ms / 1e3, latent=args.latent,
-        steps=args.steps, warmup=args.warmup_steps, cfg_parallel=not args.no_cfg_parallel, cache=cache,
-    )
+    known = [*costmodel.MEASURED_STRIP_TIMES, *costmodel.PUBLISHED_STEP_TIMES]
+    if args.compute not in known:
+        parser.error(f"unknown --compute {args.compute!r}; choose from {', '.join(known)}")
+    try:
+        rows = costmodel.predict_gpus(
+            args.gpus, args.links, policies, compute=args.compute, step_time_s=args.step_time,
+            fixed_s=args.fixed_ms / 1e3, latent=args.latent, steps=args.steps, warmup=args.warmup_steps,
+            cfg_parallel=not args.no_cfg_parallel, cache=cache,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     output["gpus"] = rows
-    source = costmodel.PUBLISHED_STEP_TIMES["a100"]
-    step = args.step_time if args.step_time is not None else source["seconds"]
     print(f"SDXL UNet at {8 * args.latent}x{8 * args.latent} px, {args.steps} steps ({args.warmup_steps} warm-up), fp16, "
-          f"guidance batch 2; one GPU {step * 1e3:.1f} ms/step"
-          + ("" if args.step_time is not None else f" ({source['source']})"))
+          f"guidance batch 2; {costmodel.gpu_compute_source(args.compute, args.step_time)}")
     print(f"  {'GPUs':4s} {'layout':22s} {'link':28s} {'policy':13s} {'MB/step':>8s} {'compute':>8s} {'transfer':>9s} "
           f"{'step':>8s} {'speed-up':>8s}")
     for r in rows:
         print(f"  {r['gpus']:<4d} {r['layout']:22s} {r['link']:28s} {r['policy']:13s} {r['received_per_step_max'] / 1e6:8.1f} "
               f"{r['compute_per_step'] * 1e3:6.1f}ms {r['transfer_per_step'] * 1e3:7.2f}ms {r['displaced_step'] * 1e3:6.1f}ms "
               f"{r['speedup']:7.2f}x")
-    print("  (compute per strip = one-GPU step / GPUs: ideal scaling, an upper bound; PCPP paper: 2.36-8.02x on 4-8 GPUs, "
-          "DistriFusion 2.32-6.71x)")
+    print("  (compute: displaced step's compute per strip; PCPP paper: 2.36-8.02x on 4-8 GPUs, DistriFusion 2.32-6.71x)")
     if args.json:
         Path(args.json).write_text(json.dumps(output, indent=1) + "\n")
     return 0

@@ -25,9 +25,15 @@ the throttled runs (:func:`check_throttled`). A tbf-limited veth carries TCP pay
 exchanges (one per layer, ``b_j`` bytes) costs ``max(0, b_j - min(burst, bw * C_sync / E)) / bw``
 instead of ``b_j / bw``; GPU links have no such allowance.
 
-**GPUs** (:func:`predict_gpus`): ``C`` of one strip is the one-GPU UNet step time divided by the
-number of GPUs that share the work (ideal scaling: an upper bound on speed-up), bytes from the
-formulas on the real SDXL UNet's configuration built on the meta device (no weights).
+**GPUs** (:func:`predict_gpus`): bytes from the formulas on the real SDXL UNet's configuration
+built on the meta device (no weights); the links' transfers are modelled, compute is measured on
+one GPU for the strip's batch and height (:data:`MEASURED_STRIP_TIMES`, from
+``benchmarks/gpu_strip_compute.py``), and one GPU's step is the same measurement on the whole
+latent. ``compute="h100"`` (the default): the stock UNet on the strip replayed from a CUDA graph,
+the GPU's own time (a lower bound on a strip's compute: an upper bound on speed-up);
+``"h100-eager"``: the engine's synchronous and displaced steps in eager PyTorch on the lent
+machine, bound by its host's operator launches. ``compute="a100"`` (or ``step_time_s``) divides a
+published one-GPU step time by the number of GPUs instead (ideal scaling).
 """
 
 from __future__ import annotations
@@ -39,11 +45,13 @@ from typing import Any
 
 __all__ = [
     "LINKS",
+    "MEASURED_STRIP_TIMES",
     "PUBLISHED_STEP_TIMES",
     "Link",
     "check_throttled",
     "formula_bytes",
     "generation_time",
+    "gpu_compute",
     "predict_gpus",
     "tbf_link",
 ]
@@ -82,6 +90,12 @@ LINKS: dict[str, Link] = {
         10e-6,
         "12 links x 25 GB/s = 300 GB/s per direction; 75% reached by NCCL point-to-point; 10 us per message",
     ),
+    "nvlink4": Link(
+        "NVLink (H100 SXM, NVLink 4)",
+        450e9 * 0.75,
+        10e-6,
+        "18 links x 25 GB/s = 450 GB/s per direction; 75% reached by NCCL point-to-point; 10 us per message",
+    ),
     "100gbe": Link(
         "100 Gbit/s Ethernet",
         100e9 / 8 * 0.9,
@@ -96,6 +110,51 @@ PUBLISHED_STEP_TIMES: dict[str, dict[str, Any]] = {
         "seconds": 5.933 / 50,
         "source": "fal-ai/stable-diffusion-benchmarks README: Diffusers SDXL (torch 2.1, SDPA), A100 80G SXM, "
         "1024x1024, 50 steps, fp16: 5.933 s mean, 8.43 it/s (end to end, so 0.119 s/step bounds the UNet step)",
+    },
+}
+
+
+#: One strip's denoiser call measured on one GPU by ``benchmarks/gpu_strip_compute.py`` (the runs:
+#: docs/benchmarks/gpu_strip_h100.json and gpu_strip_h100_run1.json): SDXL base UNet configuration
+#: with random weights, float16, 128x128 latent (1024x1024 px), in milliseconds,
+#: ``ms[batch][strips][kind]`` with kind ``stock`` (the unwrapped UNet on the strip alone), ``sync``
+#: (a synchronous step), ``full`` and ``partial(0.3)`` (a displaced step of those policies). One strip
+#: is the whole latent, and ``ms[2][1]["stock"]`` is one GPU's step with the guidance batch of 2.
+def _same(ms: float) -> dict[str, float]:
+    return {"stock": ms, "sync": ms, "full": ms, "partial(0.3)": ms}
+
+
+MEASURED_STRIP_TIMES: dict[str, dict[str, Any]] = {
+    "h100": {
+        "card": "NVIDIA H100 80GB HBM3",
+        "source": "benchmarks/gpu_strip_compute.py, 2026-11-27, torch 2.11.0+cu130, diffusers 0.42.1: the stock UNet "
+        "on the strip captured in a CUDA graph and replayed, median of 10 -- the GPU's own time, no host launch cost; "
+        "the engine's halo rows and extra attention keys are not in it, so every kind is this lower bound",
+        "ms": {
+            2: {1: _same(43.16), 2: _same(25.17), 4: _same(17.21), 8: _same(13.63)},
+            1: {1: _same(27.34), 2: _same(18.1), 4: _same(13.73), 8: _same(12.33)},
+        },
+    },
+    "h100-eager": {
+        "card": "NVIDIA H100 80GB HBM3",
+        "source": "benchmarks/gpu_strip_compute.py, 2026-11-27, torch 2.11.0+cu130, diffusers 0.42.1: eager PyTorch, "
+        "the engine's middle rank over a compute-only transport (no communication), median synchronous and displaced "
+        "step of a 14-step generation, the smaller of two runs; bound by the lent machine's host launching thousands of "
+        "operators per call (63-75 ms for the stock UNet whatever the strip; runs differ by up to 2x)",
+        "ms": {
+            2: {
+                1: {"stock": 127.1, "sync": 127.1, "full": 127.1, "partial(0.3)": 127.1},
+                2: {"stock": 120.8, "sync": 186.5, "full": 185.4, "partial(0.3)": 116.1},
+                4: {"stock": 63.4, "sync": 110.6, "full": 123.5, "partial(0.3)": 116.7},
+                8: {"stock": 66.4, "sync": 119.1, "full": 138.0, "partial(0.3)": 118.6},
+            },
+            1: {
+                1: {"stock": 75.1, "sync": 75.1, "full": 75.1, "partial(0.3)": 75.1},
+                2: {"stock": 65.1, "sync": 111.2, "full": 119.0, "partial(0.3)": 113.4},
+                4: {"stock": 72.3, "sync": 117.4, "full": 126.8, "partial(0.3)": 130.4},
+                8: {"stock": 75.2, "sync": 134.4, "full": 153.2, "partial(0.3)": 138.6},
+            },
+        },
     },
 }
 
@@ -285,11 +344,56 @@ def check_throttled(results: dict[str, Any], cache: dict | None = None) -> list[
 
 
 # ---------------------------------------------------------------------- GPUs
+def _policy_key(policy: str, portion: float) -> str:
+    return f"partial({portion:g})" if policy == "partial" else policy
+
+
+def gpu_compute(
+    compute: str, strips: int, batch: int, policy: str, portion: float = 0.3, step_time_s: float | None = None
+) -> tuple[float, float, float]:
+    """(one GPU's step with the guidance batch of 2, ``C_sync``, ``C_disp``) in seconds for
+    ``strips`` strips of a ``batch``: measured per strip (a card of :data:`MEASURED_STRIP_TIMES`), or
+    a one-GPU step divided by the GPUs sharing it (``step_time_s``, or a card of
+    :data:`PUBLISHED_STEP_TIMES`)."""
+    if step_time_s is None and compute in MEASURED_STRIP_TIMES:
+        table = MEASURED_STRIP_TIMES[compute]["ms"]
+        if batch not in table or strips not in table[batch]:
+            raise ValueError(f"{compute}: no measured strip time for batch {batch} in {strips} strips "
+                             f"(measured: batches {sorted(table)}, strips {sorted(table[2])})")
+        times = table[batch][strips]
+        key = _policy_key(policy, portion)
+        if key not in times:
+            raise ValueError(f"{compute}: no measured displaced step for {key} (measured: {', '.join(sorted(times))}); "
+                             "give a one-GPU step time (ideal scaling) instead")
+        return table[2][1]["stock"] / 1e3, times["sync"] / 1e3, times[key] / 1e3
+    if step_time_s is None:
+        if compute not in PUBLISHED_STEP_TIMES:
+            raise ValueError(f"unknown GPU compute {compute!r}; choose from "
+                             f"{', '.join([*MEASURED_STRIP_TIMES, *PUBLISHED_STEP_TIMES])}")
+        step_time_s = PUBLISHED_STEP_TIMES[compute]["seconds"]
+    share = step_time_s / (strips * (2 // batch))  # GPUs sharing the step: strips x CFG groups
+    return step_time_s, share, share
+
+
+def gpu_compute_source(compute: str, step_time_s: float | None = None) -> str:
+    """One line saying where :func:`predict_gpus`'s compute comes from."""
+    if step_time_s is not None:
+        return f"one GPU {step_time_s * 1e3:.1f} ms/step (given), divided by the GPUs: ideal scaling, an upper bound"
+    if compute in MEASURED_STRIP_TIMES:
+        m = MEASURED_STRIP_TIMES[compute]
+        return (f"compute per strip measured on {m['card']} ({m['source']}); one GPU "
+                f"{m['ms'][2][1]['stock']:.1f} ms/step; link transfers modelled")
+    p = PUBLISHED_STEP_TIMES[compute]
+    return (f"one GPU {p['seconds'] * 1e3:.1f} ms/step ({p['source']}), divided by the GPUs: ideal scaling, "
+            "an upper bound")
+
+
 def predict_gpus(
     gpus: Sequence[int] = (4, 8),
-    links: Sequence[str] = ("nvlink", "100gbe"),
+    links: Sequence[str] = ("nvlink4", "100gbe"),
     policies: Sequence[tuple[str, float]] = (("full", 0.3), ("partial", 0.3)),
     *,
+    compute: str = "h100",
     step_time_s: float | None = None,
     fixed_s: float = 0.0,
     latent: int = 128,
@@ -301,32 +405,35 @@ def predict_gpus(
 ) -> list[dict[str, Any]]:
     """Predicted SDXL speed-ups at ``8 * latent`` pixels on N GPUs.
 
-    One GPU takes ``step_time_s`` per step (default: the published A100 figure) for the batch of
-    2 (classifier-free guidance). With ``cfg_parallel`` (DistriFusion's default) the two halves go
-    to two groups of N/2 GPUs, each splitting its half of the batch into N/2 strips; otherwise
-    all N GPUs split the batch of 2. Compute per strip: ``step_time_s / N + fixed_s``.
+    With ``cfg_parallel`` (DistriFusion's default) the two halves of the guidance batch go to two
+    groups of N/2 GPUs, each splitting its half (batch 1) into N/2 strips; otherwise all N GPUs
+    split the batch of 2. Compute per strip (:func:`gpu_compute`): measured on ``compute``'s card
+    for that batch and strip height, or ``step_time_s`` (a one-GPU step) divided by N; plus
+    ``fixed_s``. The baseline is one GPU running the batch of 2 on the whole latent.
     """
-    c1 = step_time_s if step_time_s is not None else PUBLISHED_STEP_TIMES["a100"]["seconds"]
     rows = []
     for n in gpus:
         strips = n // 2 if cfg_parallel else n
         batch = 1 if cfg_parallel else 2
-        compute = c1 / n + fixed_s
         for link_name in links:
             link = LINKS[link_name]
             for policy, portion in policies:
+                c1, c_sync, c_disp = gpu_compute(compute, strips, batch, policy, portion, step_time_s)
+                c_sync, c_disp = c_sync + fixed_s, c_disp + fixed_s
                 ranks = formula_bytes("sdxl", latent, strips, policy, portion, steps=steps, warmup=warmup, batch=batch,
                                       element_size=element_size, cfg_split=cfg_parallel, cache=cache)
-                t = generation_time(compute, compute, ranks, link, steps, warmup, policy == "sync")
+                t = generation_time(c_sync, c_disp, ranks, link, steps, warmup, policy == "sync")
                 worst = max(ranks, key=lambda r: r["displaced"]["total"])
                 rows.append({
                     "gpus": n,
                     "layout": f"2 CFG groups x {strips} strips" if cfg_parallel else f"{strips} strips",
                     "link": link.name,
-                    "policy": f"partial({portion:g})" if policy == "partial" else policy,
+                    "policy": _policy_key(policy, portion),
+                    "compute": "given step time" if step_time_s is not None else compute,
                     "received_per_step_max": worst["displaced"]["total"],
                     "received_per_step_sync": worst["sync"]["total"],
-                    "compute_per_step": compute,
+                    "compute_sync_step": c_sync,
+                    "compute_per_step": c_disp,
                     "transfer_per_step": (worst["displaced"]["total"] - worst["displaced"]["output"]) / link.bytes_per_s,
                     "displaced_step": t["displaced_step"],
                     "sync_step": t["sync_step"],
