@@ -42,6 +42,8 @@ def open_transport(name: str, info: Any, timeout_s: float, config_hash: str, set
     settings = settings or TransportSettings()
     accepted = inspect.signature(cls).parameters
     options: dict[str, Any] = {}
+    if name == "torch":
+        _check_one_gpu_per_rank(info, settings.device)
     if name == "torch" and "bind_addr" not in accepted and settings.bind_addr is not None:
         _pin_torch_interface(settings.bind_addr, settings.device)
         settings = dataclasses.replace(settings, bind_addr=None)
@@ -60,6 +62,22 @@ def open_transport(name: str, info: Any, timeout_s: float, config_hash: str, set
             raise ValueError(f"--{key.replace('_', '-')} does not apply to the {name!r} transport")
         options[key] = value
     return cls(info.rank, info.world_size, timeout_s, **options).connect()
+
+
+def _check_one_gpu_per_rank(info: Any, device: str | None) -> None:
+    """NCCL (the ``torch`` transport on CUDA) cannot run two ranks on one GPU: refuse a node that
+    starts more ranks than it has GPUs, before NCCL fails on it."""
+    if device is None or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if info.local_world_size > count:
+        raise ValueError(
+            f"the torch transport uses NCCL on GPUs, which runs one rank per GPU, but this node starts "
+            f"{info.local_world_size} ranks on {count} GPU(s): start at most {count} rank(s) per node, "
+            "or use --transport zmq or mpi (they share a GPU between ranks), or --device cpu"
+        )
 
 
 def _pin_torch_interface(bind_addr: str, device: str | None) -> None:

@@ -581,3 +581,17 @@ def test_launch_package_does_not_import_torch():
         [sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=15
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_torch_transport_refuses_more_ranks_than_gpus_on_a_node(monkeypatch):
+    """NCCL runs one rank per GPU: two local ranks on one GPU are refused before NCCL starts."""
+    import torch
+
+    from pcpp_runtime.connect import TransportSettings, open_transport
+    from pcpp_runtime.launch import RankInfo
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    info = RankInfo(rank=1, world_size=2, local_rank=1, local_world_size=2, node=None,
+                    master_addr="127.0.0.1", master_port=29500, source="flags")
+    with pytest.raises(ValueError, match="2 ranks on 1 GPU.*zmq or mpi"):
+        open_transport("torch", info, 5.0, "hash", TransportSettings(device="cuda:0"))
