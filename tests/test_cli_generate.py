@@ -33,7 +33,7 @@ def test_help_is_quick():
 
 def test_generate_writes_image_and_report(tmp_path, tiny_sd_path):
     image, report = tmp_path / "out.png", tmp_path / "report.json"
-    result = run(["generate", "--nproc", "2", "--steps", "6", "--warmup-steps", "2", "--policy", "partial",
+    result = run(["generate", "--model", "tiny-sd", "--nproc", "2", "--steps", "6", "--warmup-steps", "2", "--policy", "partial",
                   "--compare", "--output", str(image), "--report", str(report)])
     assert result.returncode == 0, result.stderr
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -58,7 +58,7 @@ def test_generate_writes_image_and_report(tmp_path, tiny_sd_path):
     (["--scheduler", "nonsense"], "unknown scheduler 'nonsense'"),
 ])
 def test_bad_input_is_a_clear_error_without_traceback(args, message, tiny_sd_path):
-    result = run(["generate", "--steps", "2"] + args)
+    result = run(["generate", "--model", "tiny-sd", "--steps", "2"] + args)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
