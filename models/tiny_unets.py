@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "sd_ddim_scheduler", "tiny_vae"]
+__all__ = ["build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "save_sd_pipeline", "sd_ddim_scheduler", "tiny_vae"]
 
 
 def tiny_vae(seed: int = 2, **overrides):
@@ -77,12 +77,13 @@ def sd_ddim_scheduler(**overrides):
     return DDIMScheduler(**config)
 
 
-def _save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler) -> None:
-    """A ``StableDiffusionPipeline`` with the tiny VAE and no safety checker, saved to ``folder``."""
+def save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, vae=None) -> None:
+    """A ``StableDiffusionPipeline`` (``vae`` or the tiny VAE, no safety checker) saved to
+    ``folder`` as safetensors."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
+        vae=vae if vae is not None else tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -120,7 +121,7 @@ def build_tiny_sd(folder: Path) -> None:
     )
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
-    _save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
+    save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
 
 
 def build_tiny_sd2(folder: Path) -> None:
@@ -150,7 +151,7 @@ def build_tiny_sd2(folder: Path) -> None:
     )
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(_clip_config(tokenizer, 64))
-    _save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"))
+    save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"))
 
 
 def build_tiny_sdxl(folder: Path) -> None:

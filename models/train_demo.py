@@ -208,23 +208,6 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     return ema_unet, ema_text
 
 
-def _save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer, scheduler) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-
-
 def _preview(folder: Path, target: Path, seed: int) -> None:
     """Samples of a few captions from the saved pipeline, side by side, as a PNG."""
     import numpy as np
@@ -252,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from .demo_model import demo_components, write_word_tokenizer
+    from .tiny_unets import save_sd_pipeline
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -274,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args, generator, log)
     log("unet", args.unet_steps, minutes=(time.perf_counter() - started) / 60)
 
-    _save_pipeline(args.out, parts["vae"], unet, text_encoder, tokenizer, parts["scheduler"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_sd_pipeline(args.out, unet, text_encoder, tokenizer, parts["scheduler"], vae=parts["vae"])
     log.plot(args.work / "loss.png")
     _preview(args.out, args.work / "preview.png", args.seed)
     minutes = (time.perf_counter() - started) / 60
