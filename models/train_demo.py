@@ -13,7 +13,8 @@ Three stages, all on the CPU, reproducible from ``--seed`` (same torch version a
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 80 minutes on
-2 cores with the defaults.
+2 cores with the defaults. After the VAE stage it checks that reconstructions keep the shapes'
+colours (``--min-vae-colours``) and stops there if not, rather than train a UNet on bad latents.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved UNet/text weights")
+    p.add_argument("--min-vae-colours", type=float, default=0.8,
+                   help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
         if getattr(args, name) < 1:
@@ -132,6 +135,24 @@ def _train_vae(vae, args, rng, log) -> None:
         log("vae", step, loss=float(loss), l1=float(l1), kl=float(kl))
         bar.set_postfix(l1=f"{float(l1):.4f}")
     vae.eval()
+
+
+def _vae_colour_check(vae, rng, count: int = 48) -> float:
+    """Share of fresh one-shape scenes whose VAE reconstruction still shows the shape's colour
+    as the strongest shape colour in its cell (:func:`pcpp_runtime.models.fidelity.check_image`):
+    a VAE that loses colours cannot give a faithful model, whatever the UNet learns."""
+    import numpy as np
+    import torch
+
+    from .fidelity import check_image
+    from .shapes import render, sample_scene
+
+    scenes = [sample_scene(rng, max_shapes=1) for _ in range(count)]
+    images = torch.from_numpy(np.stack([render(scene) for scene in scenes]))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1).numpy()
+    kept = [check_image(r, s.shapes[0].colour, s.shapes[0].position)[0] for r, s in zip(recon, scenes)]
+    return sum(kept) / count
 
 
 def _encode_pool(vae, args, rng):
@@ -250,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _train_vae(parts["vae"], args, rng, log)
     factor = _set_scaling_factor(parts["vae"], rng)
-    log("vae", args.vae_steps, scaling_factor=factor, minutes=(time.perf_counter() - started) / 60)
+    colours = _vae_colour_check(parts["vae"], rng)
+    log("vae", args.vae_steps, scaling_factor=factor, colours_kept=colours, minutes=(time.perf_counter() - started) / 60)
+    print(f"VAE: reconstructions keep the shape's colour in {100 * colours:.0f} % of one-shape scenes", flush=True)
+    if colours < args.min_vae_colours:
+        print(f"train_demo: stopping before the UNet stage: the VAE keeps colours in {100 * colours:.0f} % of scenes, "
+              f"under --min-vae-colours {args.min_vae_colours:g}; a UNet trained on its latents cannot be faithful",
+              file=sys.stderr)
+        return 1
     latents, captions = _encode_pool(parts["vae"], args, rng)
     log("encode", 0, scenes=len(captions), minutes=(time.perf_counter() - started) / 60)
 

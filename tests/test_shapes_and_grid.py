@@ -152,3 +152,22 @@ def test_pipelines_are_unwrapped_after_a_policy_run_and_give_the_same_result_aga
     assert torch.equal(run_one_worker(pipes[0], spec, 64, 64).latents, reference.latents)
     with pytest.raises(ValueError, match="need 4 pipelines"):
         run_policy(pipes, spec, 64, 64, 4, config, "partial", reference)
+
+
+@pytest.mark.slow
+def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_path):
+    """A few steps of each stage (not a useful model): the script saves a pipeline that loads
+    through from_pretrained, and its colour gate stops a VAE that does not keep colours."""
+    from diffusers import StableDiffusionPipeline
+
+    from pcpp_runtime.models.train_demo import main as train
+
+    tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2", "--batch", "2", "--threads", "1"]
+    assert train(tiny + ["--out", str(tmp_path / "gated"), "--work", str(tmp_path / "w1")]) == 1  # 2 steps: no colours
+    assert not (tmp_path / "gated" / "model_index.json").exists()
+    log = [json.loads(line) for line in (tmp_path / "w1" / "train.jsonl").read_text().splitlines()]
+    assert any("colours_kept" in entry for entry in log)
+    assert train(tiny + ["--min-vae-colours", "0", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w2")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
+    assert pipe.unet.config.sample_size == 32 and pipe.vae.config.scaling_factor > 0
+    assert (tmp_path / "w2" / "loss.png").stat().st_size > 0 and (tmp_path / "w2" / "preview.png").exists()
