@@ -132,8 +132,8 @@ def _train_vae(vae, args, rng, log) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log("vae", step, loss=float(loss), l1=float(l1), kl=float(kl))
-        bar.set_postfix(l1=f"{float(l1):.4f}")
+        log("vae", step, loss=loss.item(), l1=l1.item(), kl=kl.item())
+        bar.set_postfix(l1=f"{l1.item():.4f}")
     vae.eval()
 
 
@@ -224,8 +224,8 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         decay = min(args.ema, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
         _ema_update(ema_text, text_encoder, decay)
-        log("unet", step, loss=float(loss))
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        log("unet", step, loss=loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema_unet, ema_text
 
 
