@@ -30,7 +30,7 @@ demo: $(STAMP)
 		--output $(OUT)/demo.png --report $(OUT)/demo.json
 	$(BIN)/pcpp generate --grid --nproc 4 --output $(OUT)/demo-grid.png --report $(OUT)/demo-grid.json
 
-# Train the built-in `demo` model from scratch into models/demo (about 95 minutes on 2 cores);
+# Train the built-in `demo` model from scratch into models/demo (about 2 hours on 2 cores);
 # the log, loss curve and sample pictures go to $(OUT)/train-demo. Not yet a working model: the
 # first run's VAE lost the colours (see docs/MODELS.md), so models/demo is not committed.
 train-demo: $(STAMP)
