@@ -13,8 +13,9 @@ Three stages, all on the CPU, reproducible from ``--seed`` (same torch version a
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 2 hours on
-2 cores with the defaults (the first run, with a narrower VAE, took 93). After the VAE stage it checks that reconstructions keep the shapes'
-colours (``--min-vae-colours``) and stops there if not, rather than train a UNet on bad latents.
+2 cores with the defaults (the first run, with a narrower VAE, took 93 minutes). After the VAE
+stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
+there if not, rather than train a UNet on bad latents.
 """
 
 from __future__ import annotations
