@@ -19,12 +19,10 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +42,12 @@ def ping_pong(t: Any, sizes: list[int]) -> list[dict[str, float]]:
     """Run on both ranks of ``t``; rank 0 returns one row per size."""
     import torch
 
+    from pcpp_runtime.bench.pingpong import one_way_seconds
+
     rows = []
-    peer = 1 - t.rank
     for size in sizes:
-        buf = torch.zeros(size, dtype=torch.uint8)
         warm, n = iterations(size)
-        times = []
-        t.barrier()
-        for i in range(warm + n):
-            start = time.perf_counter()
-            if t.rank == 0:
-                t.isend(buf, peer, 1).wait()
-                t.irecv(buf, peer, 2).wait()
-            else:
-                t.irecv(buf, peer, 1).wait()
-                t.isend(buf, peer, 2).wait()
-            if i >= warm:
-                times.append(time.perf_counter() - start)
-        one_way = statistics.median(times) / 2
+        one_way = one_way_seconds(t, torch.zeros(size, dtype=torch.uint8), warm, n)
         rows.append({"size": size, "latency_us": one_way * 1e6, "gbps": size / one_way / 1e9, "iters": n})
     return rows
 

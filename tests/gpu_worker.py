@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -92,27 +91,13 @@ def mode_engine(t: Transport, args: argparse.Namespace) -> Any:
 
 
 def mode_bandwidth(t: Transport, args: argparse.Namespace) -> Any:
+    from pcpp_runtime.bench.pingpong import one_way_seconds
+
     dev = torch.device(args.device)
-    peer = 1 - t.rank
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        buf = torch.zeros(size, dtype=torch.uint8, device=dev)
         warm, n = (3, 20) if size <= 4 << 20 else (2, 8)
-        times = []
-        t.barrier()
-        for i in range(warm + n):
-            start = time.perf_counter()
-            if t.rank == 0:
-                t.isend(buf, peer, 1).wait()
-                t.irecv(buf, peer, 2).wait()
-            else:
-                t.irecv(buf, peer, 1).wait()
-                t.isend(buf, peer, 2).wait()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if i >= warm:
-                times.append((time.perf_counter() - start) / 2)
-        one_way = statistics.median(times)
+        one_way = one_way_seconds(t, torch.zeros(size, dtype=torch.uint8, device=dev), warm, n)
         rows.append({"bytes": size, "one_way_s": one_way, "GB_per_s": size / one_way / 1e9})
     t.barrier()
     return rows if t.rank == 0 else None
