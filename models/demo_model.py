@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .shapes import caption_words
 from .tiny import _byte_characters
-from .tiny_unets import sd_ddim_scheduler
+from .tiny_unets import clip_text_config, sd_ddim_scheduler
 
 __all__ = ["DEMO_DIR", "IMAGE_SIZE", "demo_components", "write_word_tokenizer"]
 
@@ -95,7 +95,7 @@ def demo_components(tokenizer, seed: int = 0) -> dict:
     """Untrained ``vae``, ``unet``, ``text_encoder`` and ``scheduler``, each seeded from ``seed``."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -126,17 +126,5 @@ def demo_components(tokenizer, seed: int = 0) -> dict:
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 64, heads=4))
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": sd_ddim_scheduler()}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapes import region_colour_shares
+from .shapes import region_colour_shares, shape_phrase
 
 __all__ = ["FIDELITY_PROMPTS", "FidelityCase", "check_image", "measure"]
 
@@ -47,13 +47,6 @@ class FidelityCase:
     passed: bool
 
 
-def prompt_of(colour: str, shape: str, cell: str) -> str:
-    from .shapes import POSITIONS
-
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {shape} {POSITIONS[cell][1]}"
-
-
 def check_image(image: np.ndarray, colour: str, cell: str, min_share: float = 0.1) -> tuple[bool, float, str]:
     """(passed, share of ``colour`` in ``cell``, strongest shape colour there) for one image
     ``(H, W, 3)`` uint8 or ``(3, H, W)`` in [-1, 1]."""
@@ -69,7 +62,7 @@ def measure(pipe, seeds: int = 1, steps: int = 20, guidance_scale: float = 5.0, 
 
     results = []
     for colour, shape, cell in cases or FIDELITY_PROMPTS:
-        prompt = prompt_of(colour, shape, cell)
+        prompt = shape_phrase(colour, shape, cell)
         for seed in range(seeds):
             out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=torch.Generator().manual_seed(seed), output_type="np")

@@ -37,6 +37,7 @@ __all__ = [
     "region_slices",
     "render",
     "sample_scene",
+    "shape_phrase",
 ]
 
 #: shape colours, RGB in 0..255 (far apart from each other and from the neutral backgrounds)
@@ -86,8 +87,7 @@ class Shape:
 
     @property
     def phrase(self) -> str:
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return f"{article} {self.colour} {self.kind} {POSITIONS[self.position][1]}"
+        return shape_phrase(self.colour, self.kind, self.position)
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,12 @@ class Scene:
     @property
     def caption(self) -> str:
         return " and ".join(shape.phrase for shape in self.shapes)
+
+
+def shape_phrase(colour: str, kind: str, position: str) -> str:
+    """The caption of one shape: ``"an orange circle on the left"``."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {kind} {POSITIONS[position][1]}"
 
 
 def caption_words() -> list[str]:

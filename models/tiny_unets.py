@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "save_sd_pipeline", "sd_ddim_scheduler", "tiny_vae"]
+__all__ = [
+    "build_tiny_sd",
+    "build_tiny_sd2",
+    "build_tiny_sdxl",
+    "clip_text_config",
+    "save_sd_pipeline",
+    "sd_ddim_scheduler",
+    "tiny_vae",
+]
 
 
 def tiny_vae(seed: int = 2, **overrides):
@@ -44,7 +52,8 @@ def tiny_vae(seed: int = 2, **overrides):
     return AutoencoderKL(**config)
 
 
-def _clip_config(tokenizer, hidden: int, **extra):
+def clip_text_config(tokenizer, hidden: int, heads: int = 2, **extra):
+    """A 2-layer ``CLIPTextConfig`` of width ``hidden`` (MLP ``2 * hidden``) for ``tokenizer``."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -52,7 +61,7 @@ def _clip_config(tokenizer, hidden: int, **extra):
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -120,7 +129,7 @@ def build_tiny_sd(folder: Path) -> None:
         norm_num_groups=8,
     )
     torch.manual_seed(1)
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
     save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
 
 
@@ -150,7 +159,7 @@ def build_tiny_sd2(folder: Path) -> None:
         norm_num_groups=8,
     )
     torch.manual_seed(1)
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, 64))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 64))
     save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"))
 
 
@@ -188,9 +197,9 @@ def build_tiny_sdxl(folder: Path) -> None:
         norm_num_groups=8,
     )
     torch.manual_seed(1)
-    text_encoder = CLIPTextModel(_clip_config(tokenizer, 32))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
     torch.manual_seed(3)
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, 32, projection_dim=projection_dim))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, 32, projection_dim=projection_dim))
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

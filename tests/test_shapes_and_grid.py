@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pcpp_runtime.grid import image_psnr, ssim
-from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, check_image, prompt_of
+from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, check_image
 from pcpp_runtime.models.shapes import (
     COLOURS,
     POSITIONS,
@@ -21,6 +21,7 @@ from pcpp_runtime.models.shapes import (
     region_colour_shares,
     render,
     sample_scene,
+    shape_phrase,
 )
 
 
@@ -86,7 +87,7 @@ def test_demo_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
         assert tokenizer.tokenize(word) == [word + "</w>"], word
     assert len(tokenizer("an orange triangle at the bottom right").input_ids) == 2 + 7
     assert tokenizer.unk_token_id not in tokenizer("a pink dog").input_ids[1:-1]  # other words: characters
-    assert prompt_of("orange", "circle", "left") == "an orange circle on the left"
+    assert shape_phrase("orange", "circle", "left") == "an orange circle on the left"
 
 
 def test_ssim_and_psnr_of_images():
