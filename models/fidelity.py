@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     from pcpp_runtime.generate import load_pipeline
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     cases = measure(pipe, args.seeds, args.steps, args.guidance_scale)
     print("| prompt | seed | share of the named colour in its cell | strongest colour there | passed |")

@@ -2,7 +2,8 @@
 
     python -m pcpp_runtime.models.train_demo [--out models/demo] [--work out/train-demo]
 
-Three stages, all on the CPU, reproducible from ``--seed`` (same torch version and thread count):
+Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible from ``--seed``
+(same device, torch version and thread count):
 
 1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1 + a small KL term);
    its ``scaling_factor`` is then set so latents have unit standard deviation;
@@ -39,13 +40,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("out/train-demo"), help="log, loss curve, previews")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--device", default="cpu", help="torch device to train on (default %(default)s; e.g. cuda)")
+    p.add_argument("--vae-steps", type=int, default=700)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--scenes", type=int, default=12000, help="scenes encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=2400)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
+    p.add_argument("--unet-steps", type=int, default=3600)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved UNet/text weights")
+    p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction",
+                   help="what the UNet learns to predict; saved in the scheduler config (default %(default)s)")
+    p.add_argument("--min-snr", type=float, default=5.0,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 weighs every timestep alike (default %(default)s)")
     p.add_argument("--min-vae-colours", type=float, default=0.8,
                    help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
@@ -121,6 +127,7 @@ def _train_vae(vae, args, rng, log) -> None:
     bar = tqdm(range(args.vae_steps), desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
     for step in bar:
         images, _ = _scene_batch(rng, args.vae_batch, 256)
+        images = images.to(args.device)
         top, left = (int(v) * 8 for v in rng.integers(0, 17, size=2))  # 8-aligned 128 x 128 crop
         crops = images[:, :, top : top + 128, left : left + 128]
         for group in opt.param_groups:
@@ -138,7 +145,7 @@ def _train_vae(vae, args, rng, log) -> None:
     vae.eval()
 
 
-def _vae_colour_check(vae, rng, count: int = 48) -> float:
+def _vae_colour_check(vae, rng, device: str, count: int = 48) -> float:
     """Share of fresh one-shape scenes whose VAE reconstruction still shows the shape's colour
     as the strongest shape colour in its cell (:func:`pcpp_runtime.models.fidelity.check_image`):
     a VAE that loses colours cannot give a faithful model, whatever the UNet learns."""
@@ -151,7 +158,7 @@ def _vae_colour_check(vae, rng, count: int = 48) -> float:
     scenes = [sample_scene(rng, max_shapes=1) for _ in range(count)]
     images = torch.from_numpy(np.stack([render(scene) for scene in scenes]))
     with torch.no_grad():
-        recon = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1).numpy()
+        recon = vae.decode(vae.encode(images.to(device)).latent_dist.mean).sample.clamp(-1, 1).cpu().numpy()
     kept = [check_image(r, s.shapes[0].colour, s.shapes[0].position)[0] for r, s in zip(recon, scenes)]
     return sum(kept) / count
 
@@ -165,17 +172,18 @@ def _encode_pool(vae, args, rng):
     with torch.no_grad():
         for start in tqdm(range(0, args.scenes, 64), desc="encode", unit="batch", file=sys.stderr, mininterval=2.0):
             images, texts = _scene_batch(rng, min(64, args.scenes - start), 256)
-            latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+            latents.append(vae.encode(images.to(args.device)).latent_dist.mean * vae.config.scaling_factor)
             captions.extend(texts)
     return torch.cat(latents), captions
 
 
-def _set_scaling_factor(vae, rng) -> float:
+def _set_scaling_factor(vae, rng, device: str) -> float:
     """Set ``vae.config.scaling_factor`` to 1 / std of the latent means of 256 fresh scenes."""
     import torch
 
     with torch.no_grad():
         images, _ = _scene_batch(rng, 256, 256)
+        images = images.to(device)
         means = torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, 256, 64)])
     factor = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=factor)
@@ -190,6 +198,18 @@ def _ema_update(ema, model, decay: float) -> None:
             e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def _loss_weights(snr, args):
+    """Per-sample loss weights ``(B,)`` from the timesteps' SNR: all ones, or min-SNR-gamma's
+    ``min(SNR, gamma) / SNR`` (noise prediction) and ``min(SNR, gamma) / (SNR + 1)`` (v prediction),
+    which keep the many easy low-noise steps from drowning the high-noise ones that decide layout."""
+    import torch
+
+    if args.min_snr <= 0:
+        return torch.ones_like(snr)
+    clipped = snr.clamp(max=args.min_snr)
+    return clipped / snr if args.prediction == "epsilon" else clipped / (snr + 1)
+
+
 def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log):
     """Noise-prediction training of ``unet`` and ``text_encoder`` together; returns their EMAs."""
     import torch
@@ -202,6 +222,8 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    alphas = noise_schedule.alphas_cumprod.to(args.device)
+    snr = alphas / (1 - alphas)  # signal-to-noise ratio of each training timestep
     unet.train()
     text_encoder.train()
     bar = tqdm(range(args.unet_steps), desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
@@ -210,14 +232,16 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         batch_ids = ids[index].clone()
         dropped = torch.rand(args.batch, generator=generator) < 0.1
         batch_ids[dropped] = empty[0]
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, 1000, (args.batch,), generator=generator)
+        x0 = latents[index.to(latents.device)]
+        noise = torch.randn(x0.shape, generator=generator).to(args.device)
+        t = torch.randint(0, 1000, (args.batch,), generator=generator).to(args.device)
         noisy = noise_schedule.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, args.unet_steps, args.lr)
-        context = text_encoder(batch_ids)[0]
-        loss = torch.nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        context = text_encoder(batch_ids.to(args.device))[0]
+        target = noise if args.prediction == "epsilon" else noise_schedule.get_velocity(x0, noise, t)
+        error = (unet(noisy, t, context).sample - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (error * _loss_weights(snr[t], args)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -230,14 +254,14 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     return ema_unet, ema_text
 
 
-def _preview(folder: Path, target: Path, seed: int) -> None:
+def _preview(folder: Path, target: Path, seed: int, device: str) -> None:
     """Samples of a few captions from the saved pipeline, side by side, as a PNG."""
     import numpy as np
     import torch
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(device)
     prompts = [
         "a red circle at the top left",
         "a blue square in the center",
@@ -268,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = CLIPTokenizer.from_pretrained(str(args.work / "tokenizer"))
     parts = demo_components(tokenizer, seed=args.seed)
+    for name in ("vae", "unet", "text_encoder"):
+        parts[name].to(args.device)
     rng = np.random.default_rng(args.seed)
 
     _train_vae(parts["vae"], args, rng, log)
-    factor = _set_scaling_factor(parts["vae"], rng)
-    colours = _vae_colour_check(parts["vae"], rng)
+    factor = _set_scaling_factor(parts["vae"], rng, args.device)
+    colours = _vae_colour_check(parts["vae"], rng, args.device)
     log("vae", args.vae_steps, scaling_factor=factor, colours_kept=colours, minutes=(time.perf_counter() - started) / 60)
     print(f"VAE: reconstructions keep the shape's colour in {100 * colours:.0f} % of one-shape scenes", flush=True)
     if colours < args.min_vae_colours:
@@ -283,14 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     latents, captions = _encode_pool(parts["vae"], args, rng)
     log("encode", 0, scenes=len(captions), minutes=(time.perf_counter() - started) / 60)
 
+    parts["scheduler"].register_to_config(prediction_type=args.prediction)
     generator = torch.Generator().manual_seed(args.seed)
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args, generator, log)
     log("unet", args.unet_steps, minutes=(time.perf_counter() - started) / 60)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    save_sd_pipeline(args.out, unet, text_encoder, tokenizer, parts["scheduler"], vae=parts["vae"])
+    save_sd_pipeline(args.out, unet.cpu(), text_encoder.cpu(), tokenizer, parts["scheduler"], vae=parts["vae"].cpu())
     log.plot(args.work / "loss.png")
-    _preview(args.out, args.work / "preview.png", args.seed)
+    _preview(args.out, args.work / "preview.png", args.seed, args.device)
     minutes = (time.perf_counter() - started) / 60
     log("done", 0, minutes=minutes)
     print(f"saved {args.out} in {minutes:.1f} min; loss curve {args.work / 'loss.png'}, samples {args.work / 'preview.png'}")
