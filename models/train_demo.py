@@ -41,8 +41,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device to train on (default %(default)s; e.g. cuda)")
-    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-steps", type=int, default=900)
     p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae", type=Path, default=None,
+                   help="a VAE folder saved by an earlier run (WORK/vae): skip the VAE stage and use it")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--unet-steps", type=int, default=3600)
     p.add_argument("--batch", type=int, default=16)
@@ -119,7 +121,9 @@ class _Log:
 
 
 def _train_vae(vae, args, rng, log) -> None:
+    import numpy as np
     import torch
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -135,13 +139,22 @@ def _train_vae(vae, args, rng, log) -> None:
         posterior = vae.encode(crops).latent_dist
         recon = vae.decode(posterior.sample()).sample
         l1 = (recon - crops).abs().mean()
+        # the mean colour of each 8 x 8 block: L1 alone lets flat areas drift in hue, which the
+        # colour gate (and the fidelity check) then count as the wrong colour
+        colour = (F.avg_pool2d(recon, 8) - F.avg_pool2d(crops, 8)).abs().mean()
         kl = posterior.kl().mean() / crops[0].numel()
-        loss = l1 + 1e-4 * kl
+        loss = l1 + colour + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log("vae", step, loss=loss.item(), l1=l1.item(), kl=kl.item())
+        log("vae", step, loss=loss.item(), l1=l1.item(), colour=colour.item(), kl=kl.item())
         bar.set_postfix(l1=f"{l1.item():.4f}")
+        if (step + 1) % 300 == 0 and step + 1 < args.vae_steps:  # progress of what the gate measures
+            vae.eval()
+            kept = _vae_colour_check(vae, np.random.default_rng(args.seed + 100), args.device)
+            vae.train()
+            log("vae", step + 1, colours_kept=kept)
+            bar.write(f"vae step {step + 1}: colours kept in {100 * kept:.0f} % of one-shape scenes")
     vae.eval()
 
 
@@ -221,6 +234,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    unet.to(memory_format=torch.channels_last)  # about 17 % faster convolutions on the CPU here
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     alphas = noise_schedule.alphas_cumprod.to(args.device)
     snr = alphas / (1 - alphas)  # signal-to-noise ratio of each training timestep
@@ -235,7 +249,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         x0 = latents[index.to(latents.device)]
         noise = torch.randn(x0.shape, generator=generator).to(args.device)
         t = torch.randint(0, 1000, (args.batch,), generator=generator).to(args.device)
-        noisy = noise_schedule.add_noise(x0, noise, t)
+        noisy = noise_schedule.add_noise(x0, noise, t).contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, args.unet_steps, args.lr)
         context = text_encoder(batch_ids.to(args.device))[0]
@@ -251,7 +265,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         _ema_update(ema_text, text_encoder, decay)
         log("unet", step, loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema_unet, ema_text
+    return ema_unet.to(memory_format=torch.contiguous_format), ema_text
 
 
 def _preview(folder: Path, target: Path, seed: int, device: str) -> None:
@@ -296,15 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         parts[name].to(args.device)
     rng = np.random.default_rng(args.seed)
 
-    _train_vae(parts["vae"], args, rng, log)
-    factor = _set_scaling_factor(parts["vae"], rng, args.device)
+    if args.vae is None:
+        _train_vae(parts["vae"], args, rng, log)
+        factor = _set_scaling_factor(parts["vae"], rng, args.device)
+        parts["vae"].save_pretrained(str(args.work / "vae"))  # kept whatever the gate says
+    else:
+        from diffusers import AutoencoderKL
+
+        parts["vae"] = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
+        factor = parts["vae"].config.scaling_factor
     colours = _vae_colour_check(parts["vae"], rng, args.device)
     log("vae", args.vae_steps, scaling_factor=factor, colours_kept=colours, minutes=(time.perf_counter() - started) / 60)
     print(f"VAE: reconstructions keep the shape's colour in {100 * colours:.0f} % of one-shape scenes", flush=True)
     if colours < args.min_vae_colours:
         print(f"train_demo: stopping before the UNet stage: the VAE keeps colours in {100 * colours:.0f} % of scenes, "
-              f"under --min-vae-colours {args.min_vae_colours:g}; a UNet trained on its latents cannot be faithful",
-              file=sys.stderr)
+              f"under --min-vae-colours {args.min_vae_colours:g}; a UNet trained on its latents cannot be faithful "
+              f"(the VAE is in {args.work / 'vae'})", file=sys.stderr)
         return 1
     latents, captions = _encode_pool(parts["vae"], args, rng)
     log("encode", 0, scenes=len(captions), minutes=(time.perf_counter() - started) / 60)
