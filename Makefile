@@ -30,9 +30,10 @@ demo: $(STAMP)
 		--output $(OUT)/demo.png --report $(OUT)/demo.json
 	$(BIN)/pcpp generate --grid --nproc 4 --output $(OUT)/demo-grid.png --report $(OUT)/demo-grid.json
 
-# Train the built-in `demo` model from scratch into models/demo (about 2 hours on 2 cores);
+# Train the built-in `demo` model from scratch into models/demo (about 1.5 hours on 2 cores);
 # the log, loss curve and sample pictures go to $(OUT)/train-demo. Not yet a working model: the
-# first run's VAE lost the colours (see docs/MODELS.md), so models/demo is not committed.
+# last run draws the right colours in the wrong places (docs/MODELS.md), so models/demo is not
+# committed.
 train-demo: $(STAMP)
 	$(BIN)/python -m pcpp_runtime.models.train_demo --out models/demo --work $(OUT)/train-demo
 
