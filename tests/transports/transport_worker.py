@@ -98,6 +98,7 @@ def scenario_gpu(t: Transport, args: argparse.Namespace) -> Any:
 
 def scenario_never_sends(t: Transport, args: argparse.Namespace) -> Any:
     peer = 1 - t.rank
+    t.barrier()  # both ranks start their timed wait together, so both time out together
     t.irecv(torch.empty(4), peer, 5 + t.rank).wait()  # nobody sends tag 5 or 6
     return "unreachable"
 
@@ -264,6 +265,10 @@ def main() -> int:
         record.update(ok=False, error_type=type(exc).__name__, error=str(exc), traceback=traceback.format_exc())
         record["elapsed"] = time.monotonic() - start
         out.write_text(json.dumps(record, default=str))
+        if args.transport == "mpi":
+            # a failed rank makes mpiexec kill the others: leave them a moment to record their own
+            # errors (a rank timing out a few ms after its peer was otherwise killed first)
+            time.sleep(1.0)
         raise
     finally:
         if t is not None and (record.get("ok") or args.transport != "mpi"):
