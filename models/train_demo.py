@@ -5,16 +5,17 @@
 Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible from ``--seed``
 (same device, torch version and thread count):
 
-1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1 + a small KL term);
-   its ``scaling_factor`` is then set so latents have unit standard deviation;
+1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1, L1 of 8 x 8 block
+   means for the colour of flat areas, a small KL term); it is saved to ``WORK/vae`` and its ``scaling_factor`` is then set so latents have unit standard deviation;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
-3. the UNet and the text encoder together, on noise prediction (DDPM, 1000 scaled-linear steps),
+3. the UNet and the text encoder together, on v-prediction by default with min-SNR loss weights
+   (DDPM, 1000 scaled-linear steps),
    with 10 % of captions dropped to ``""`` so classifier-free guidance works; the weights saved
    are an exponential moving average.
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
-samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 2 hours on
-2 cores with the defaults (the first run, with a narrower VAE, took 93 minutes). After the VAE
+samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). 90 minutes on
+2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1). After the VAE
 stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
 there if not, rather than train a UNet on bad latents.
 """
