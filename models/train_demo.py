@@ -6,7 +6,8 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
 (same device, torch version and thread count):
 
 1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1, L1 of 8 x 8 block
-   means for the colour of flat areas, a small KL term); it is saved to ``WORK/vae`` and its ``scaling_factor`` is then set so latents have unit standard deviation;
+   means for the colour of flat areas, a small KL term); its ``scaling_factor`` is then set so
+   latents have unit standard deviation, and it is saved to ``WORK/vae``;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
 3. the UNet and the text encoder together, on v-prediction by default with min-SNR loss weights
    (DDPM, 1000 scaled-linear steps),
