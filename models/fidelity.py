@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to generate on (default %(default)s; e.g. cuda)")
     args = p.parse_args(argv)
     from pcpp_runtime.generate import load_pipeline
 

@@ -226,7 +226,8 @@ def _loss_weights(snr, args):
 
 
 def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log):
-    """Noise-prediction training of ``unet`` and ``text_encoder`` together; returns their EMAs."""
+    """Train ``unet`` and ``text_encoder`` together on ``args.prediction`` (noise or v) with
+    ``_loss_weights``; returns their EMAs."""
     import torch
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
