@@ -37,9 +37,15 @@ def test_peer_never_sends(transport: str) -> None:
     """Both ranks wait for a message the other never sends: each raises after 5 s."""
     job = _job(transport, "never_sends")
     assert not job.ok
-    # rank 0 times out itself; with gloo, rank 1 may instead see rank 0 drop the connection
-    _assert_named_error(job, 0, 1, "recv tag 5", transport, ("TransportTimeout",))
-    _assert_named_error(job, 1, 0, "recv tag 6", transport, ("TransportTimeout", "PeerFailed"))
+    # Each rank times out itself. The worker lingers 1 s after failing, so the peer's own timer
+    # normally fires first; on a loaded machine the two timers can still be more than 1 s apart
+    # and the later rank then sees the earlier one's connection close. Either error is named and
+    # both must name the right peer and operation within the time limit, so both are accepted.
+    kinds = ("TransportTimeout",) if transport == "mpi" else ("TransportTimeout", "PeerFailed")
+    _assert_named_error(job, 0, 1, "recv tag 5", transport, kinds)
+    _assert_named_error(job, 1, 0, "recv tag 6", transport, kinds)
+    timeouts = [job.results[r]["error_type"] for r in (0, 1)].count("TransportTimeout")
+    assert timeouts >= 1, job.report()  # somebody's own timer fired: nothing failed for another reason
     if transport == "mpi":
         assert job.returncodes[0] != 0, "mpiexec must exit non-zero when a rank raises"
 

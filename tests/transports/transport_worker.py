@@ -265,10 +265,10 @@ def main() -> int:
         record.update(ok=False, error_type=type(exc).__name__, error=str(exc), traceback=traceback.format_exc())
         record["elapsed"] = time.monotonic() - start
         out.write_text(json.dumps(record, default=str))
-        if args.transport == "mpi":
-            # a failed rank makes mpiexec kill the others: leave them a moment to record their own
-            # errors (a rank timing out a few ms after its peer was otherwise killed first)
-            time.sleep(1.0)
+        # Leave the peer a moment to record its own error before this rank goes away: a failed
+        # MPI rank makes mpiexec kill the others, and a closed gloo/zmq connection turns the peer's
+        # own timeout, due a few ms later, into PeerFailed (both seen in make test runs).
+        time.sleep(1.0)
         raise
     finally:
         if t is not None and (record.get("ok") or args.transport != "mpi"):
