@@ -9,10 +9,13 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
    means for the colour of flat areas, a small KL term); its ``scaling_factor`` is then set so
    latents have unit standard deviation, and it is saved to ``WORK/vae``;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
-3. the UNet and the text encoder together, on v-prediction by default with min-SNR loss weights
-   (DDPM, 1000 scaled-linear steps),
-   with 10 % of captions dropped to ``""`` so classifier-free guidance works; the weights saved
-   are an exponential moving average.
+3. the UNet and the text encoder together, on v-prediction by default with the plain v loss
+   (DDPM, 1000 scaled-linear steps), with 10 % of captions dropped to ``""`` so classifier-free
+   guidance works; the weights saved are an exponential moving average, whose prompt fidelity
+   (:mod:`.fidelity`, seed 0) is logged every ``--eval-every`` steps.
+
+Each stage draws its scenes from its own random stream, so a run with ``--vae`` trains the UNet
+on the same scenes as a run that trains its VAE.
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). 90 minutes on
@@ -48,17 +51,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae): skip the VAE stage and use it")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
-    p.add_argument("--unet-steps", type=int, default=3600)
+    p.add_argument("--unet-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved UNet/text weights")
     p.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction",
                    help="what the UNet learns to predict; saved in the scheduler config (default %(default)s)")
-    p.add_argument("--min-snr", type=float, default=5.0,
-                   help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 weighs every timestep alike (default %(default)s)")
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 (the default) keeps the plain loss of "
+                        "--prediction. With v-prediction, min-SNR all but switches off the high-noise steps that "
+                        "place the shapes (see _loss_weights)")
+    p.add_argument("--eval-every", type=int, default=1000,
+                   help="measure prompt fidelity (10 prompts, seed 0) of the averaged weights every this many "
+                        "UNet steps and log it; 0: never (default %(default)s)")
     p.add_argument("--min-vae-colours", type=float, default=0.8,
                    help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -153,7 +163,7 @@ def _train_vae(vae, args, rng, log) -> None:
         bar.set_postfix(l1=f"{l1.item():.4f}")
         if (step + 1) % 300 == 0 and step + 1 < args.vae_steps:  # progress of what the gate measures
             vae.eval()
-            kept = _vae_colour_check(vae, np.random.default_rng(args.seed + 100), args.device)
+            kept = _vae_colour_check(vae, np.random.default_rng([args.seed, 1]), args.device)
             vae.train()
             log("vae", step + 1, colours_kept=kept)
             bar.write(f"vae step {step + 1}: colours kept in {100 * kept:.0f} % of one-shape scenes")
@@ -215,8 +225,14 @@ def _ema_update(ema, model, decay: float) -> None:
 
 def _loss_weights(snr, args):
     """Per-sample loss weights ``(B,)`` from the timesteps' SNR: all ones, or min-SNR-gamma's
-    ``min(SNR, gamma) / SNR`` (noise prediction) and ``min(SNR, gamma) / (SNR + 1)`` (v prediction),
-    which keep the many easy low-noise steps from drowning the high-noise ones that decide layout."""
+    ``min(SNR, gamma) / SNR`` (noise prediction) and ``min(SNR, gamma) / (SNR + 1)`` (v prediction).
+
+    Measured as error of the predicted clean latent ``x0``, the plain noise loss weighs a timestep
+    by ``SNR``, the plain v loss by ``SNR + 1`` and min-SNR by ``min(SNR, gamma)``. So min-SNR caps
+    the many low-noise steps, but it also leaves the high-noise steps (SNR down to 0.005 with
+    these betas), where a sample's layout is decided, with almost no weight; the plain v loss
+    keeps at least weight 1 there. Both runs trained with min-SNR drew clean shapes in the wrong
+    places (docs/MODELS.md), hence the default ``--min-snr 0``."""
     import torch
 
     if args.min_snr <= 0:
@@ -225,9 +241,10 @@ def _loss_weights(snr, args):
     return clipped / snr if args.prediction == "epsilon" else clipped / (snr + 1)
 
 
-def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log):
+def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log, evaluate=None):
     """Train ``unet`` and ``text_encoder`` together on ``args.prediction`` (noise or v) with
-    ``_loss_weights``; returns their EMAs."""
+    ``_loss_weights``; returns their EMAs. Every ``args.eval_every`` steps ``evaluate(ema_unet,
+    ema_text)`` (a share of passed fidelity cases) is logged, when given."""
     import torch
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -268,7 +285,26 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         _ema_update(ema_text, text_encoder, decay)
         log("unet", step, loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if evaluate is not None and (step + 1) % args.eval_every == 0:
+            share = evaluate(ema_unet, ema_text)
+            log("unet", step + 1, fidelity=share)
+            bar.write(f"unet step {step + 1}: prompt fidelity of the averaged weights {100 * share:.0f} % (seed 0)")
     return ema_unet.to(memory_format=torch.contiguous_format), ema_text
+
+
+def _fidelity_now(unet, text_encoder, tokenizer, vae, scheduler) -> float:
+    """Share of :data:`~pcpp_runtime.models.fidelity.FIDELITY_PROMPTS` that pass at seed 0 when
+    ``unet`` and ``text_encoder`` (in training, on their device) are put in a pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from .fidelity import measure
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    cases = measure(pipe, seeds=1)
+    return sum(case.passed for case in cases) / len(cases)
 
 
 def _preview(folder: Path, target: Path, seed: int, device: str) -> None:
@@ -311,18 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     parts = demo_components(tokenizer, seed=args.seed)
     for name in ("vae", "unet", "text_encoder"):
         parts[name].to(args.device)
-    rng = np.random.default_rng(args.seed)
+    # one random stream per stage, so the pool of scenes is the same whether the VAE stage runs
+    # or --vae skips it (the VAE's stream is the one all stages shared before 2026-11-28)
+    vae_rng = np.random.default_rng(args.seed)
+    check_rng, pool_rng = np.random.default_rng([args.seed, 1]), np.random.default_rng([args.seed, 2])
 
     if args.vae is None:
-        _train_vae(parts["vae"], args, rng, log)
-        factor = _set_scaling_factor(parts["vae"], rng, args.device)
+        _train_vae(parts["vae"], args, vae_rng, log)
+        factor = _set_scaling_factor(parts["vae"], vae_rng, args.device)
         parts["vae"].save_pretrained(str(args.work / "vae"))  # kept whatever the gate says
     else:
         from diffusers import AutoencoderKL
 
         parts["vae"] = AutoencoderKL.from_pretrained(str(args.vae)).to(args.device).eval()
         factor = parts["vae"].config.scaling_factor
-    colours = _vae_colour_check(parts["vae"], rng, args.device)
+    colours = _vae_colour_check(parts["vae"], check_rng, args.device)
     log("vae", args.vae_steps, scaling_factor=factor, colours_kept=colours, minutes=(time.perf_counter() - started) / 60)
     print(f"VAE: reconstructions keep the shape's colour in {100 * colours:.0f} % of one-shape scenes", flush=True)
     if colours < args.min_vae_colours:
@@ -330,12 +369,17 @@ def main(argv: list[str] | None = None) -> int:
               f"under --min-vae-colours {args.min_vae_colours:g}; a UNet trained on its latents cannot be faithful "
               f"(the VAE is in {args.work / 'vae'})", file=sys.stderr)
         return 1
-    latents, captions = _encode_pool(parts["vae"], args, rng)
+    latents, captions = _encode_pool(parts["vae"], args, pool_rng)
     log("encode", 0, scenes=len(captions), minutes=(time.perf_counter() - started) / 60)
 
     parts["scheduler"].register_to_config(prediction_type=args.prediction)
     generator = torch.Generator().manual_seed(args.seed)
-    unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args, generator, log)
+    evaluate = None
+    if args.eval_every:
+        def evaluate(ema_unet, ema_text):
+            return _fidelity_now(ema_unet, ema_text, tokenizer, parts["vae"], parts["scheduler"])
+    unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args,
+                                     generator, log, evaluate)
     log("unet", args.unet_steps, minutes=(time.perf_counter() - started) / 60)
 
     args.out.mkdir(parents=True, exist_ok=True)
