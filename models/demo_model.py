@@ -4,9 +4,12 @@ Components (untrained here; :mod:`.train_demo` trains them and saves the pipelin
 
 * VAE: ``AutoencoderKL``, four blocks of 16/32/64/64 channels, 4 norm groups, factor 8, 4 latent channels
   (a 256 x 256 image has a 32 x 32 latent);
-* UNet: ``UNet2DConditionModel``, 32/64/128 channels, one layer per block, group norm (16
-  groups), self- and cross-attention at the 16 x 16 and 8 x 8 resolutions (two down-samplings:
-  strips align to 4 latent rows);
+* UNet: ``UNet2DConditionModel``, 32/64/64/128 channels, one layer per block, group norm (16
+  groups), self- and cross-attention at the 16 x 16, 8 x 8 and 4 x 4 resolutions (three
+  down-samplings: strips align to 8 latent rows, so 32 rows still split over 4 workers). The
+  4 x 4 level is there for the place words: attention has no position encoding and a convolution
+  learns position only from the zero padding at the border, which at 4 x 4 every cell is near;
+  with three levels the model ignored the place words entirely (``benchmarks/place_probe.py``);
 * text encoder: a 2-layer, 64-wide ``CLIPTextModel``;
 * tokenizer: a ``CLIPTokenizer`` whose BPE merges spell every caption word as one token
   (:func:`write_word_tokenizer`); other text falls back to single characters;
@@ -117,9 +120,10 @@ def demo_components(tokenizer, seed: int = 0) -> dict:
         sample_size=IMAGE_SIZE // 8,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+        # 64 channels at 8 x 8 keep the weights under the 25 MB (4.8 M parameters)
+        block_out_channels=(32, 64, 64, 128),
         layers_per_block=1,
         cross_attention_dim=64,
         attention_head_dim=8,
