@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(the VAE is in {args.work / 'vae'})", file=sys.stderr)
         return 1
     latents, captions = _encode_pool(parts["vae"], args, pool_rng)
-    log("encode", 0, scenes=len(captions), minutes=(time.perf_counter() - started) / 60)
+    log("encode", 0, scenes=len(captions), first_caption=captions[0], minutes=(time.perf_counter() - started) / 60)
 
     parts["scheduler"].register_to_config(prediction_type=args.prediction)
     generator = torch.Generator().manual_seed(args.seed)

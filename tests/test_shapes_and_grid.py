@@ -76,6 +76,24 @@ def test_region_check_finds_the_drawn_colour_in_its_cell_and_rejects_others():
     assert shares["red"] > 0.5 and max(v for k, v in shares.items() if k != "red") == 0.0
 
 
+def test_place_probe_finds_the_centre_of_a_red_shape_in_grid_cells():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "place_probe.py"
+    spec = importlib.util.spec_from_file_location("place_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    for place, ((row, col), _) in POSITIONS.items():
+        shapes = (Shape("circle", "red", place, ((row + 0.5) / 3, (col + 0.5) / 3), 0.1),
+                  Shape("square", "blue", "center" if place != "center" else "top", (0.5, 0.5) if place != "center" else (1 / 6, 0.5), 0.1))
+        image = ((render(Scene(shapes, ("grey", "white"))).transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)
+        centre = probe.red_centre(image)
+        assert centre is not None and abs(centre[0] - (row + 0.5)) < 0.05 and abs(centre[1] - (col + 0.5)) < 0.05, (place, centre)
+    blank = ((render(Scene((Shape("circle", "blue", "center", (0.5, 0.5), 0.2),), ("grey", "grey"))).transpose(1, 2, 0) + 1) * 127.5)
+    assert probe.red_centre(blank.round().astype(np.uint8)) is None
+
+
 def test_demo_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
     from transformers import CLIPTokenizer
 
@@ -169,6 +187,17 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     log = [json.loads(line) for line in (tmp_path / "w1" / "train.jsonl").read_text().splitlines()]
     assert any("colours_kept" in entry for entry in log)
     assert train(tiny + ["--min-vae-colours", "0", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w2")]) == 0
+    log = [json.loads(line) for line in (tmp_path / "w2" / "train.jsonl").read_text().splitlines()]
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
     assert pipe.unet.config.sample_size == 32 and pipe.vae.config.scaling_factor > 0
     assert (tmp_path / "w2" / "loss.png").stat().st_size > 0 and (tmp_path / "w2" / "preview.png").exists()
+
+    # --vae reuses the saved VAE, skips its stage and trains on the same pool; fidelity is logged
+    reuse = ["--vae", str(tmp_path / "w2" / "vae"), "--eval-every", "2", "--min-vae-colours", "0"]
+    assert train(tiny + reuse + ["--out", str(tmp_path / "m3"), "--work", str(tmp_path / "w3")]) == 0
+    log3 = [json.loads(line) for line in (tmp_path / "w3" / "train.jsonl").read_text().splitlines()]
+    assert not any(entry["stage"] == "vae" and "loss" in entry for entry in log3)
+    first = {name: next(e["first_caption"] for e in entries if "first_caption" in e) for name, entries in (("w2", log), ("w3", log3))}
+    assert first["w2"] == first["w3"], first
+    fidelity = [entry for entry in log3 if "fidelity" in entry]
+    assert [entry["step"] for entry in fidelity] == [2] and 0.0 <= fidelity[0]["fidelity"] <= 1.0
