@@ -61,12 +61,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 (the default) keeps the plain loss of "
                         "--prediction. With v-prediction, min-SNR all but switches off the high-noise steps that "
                         "place the shapes (see _loss_weights)")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True,
+                   help="rescale the betas so the last timestep is pure noise, and sample from it ('trailing' "
+                        "timesteps), as Lin et al. 2024 propose; with Stable Diffusion's betas the last training "
+                        "step still shows where the shapes are, and the model learns to read places from the noise "
+                        "instead of the caption (default: on)")
     p.add_argument("--eval-every", type=int, default=1000,
                    help="measure prompt fidelity (10 prompts, seed 0) of the averaged weights every this many "
                         "UNet steps and log it; 0: never (default %(default)s)")
     p.add_argument("--min-vae-colours", type=float, default=0.8,
                    help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
+    if args.zero_terminal_snr and args.prediction == "epsilon":
+        p.error("--prediction epsilon cannot be trained with --zero-terminal-snr (the noise is not "
+                "recoverable from a pure-noise input): use --prediction v_prediction or --no-zero-terminal-snr")
     if args.eval_every < 0:
         p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
@@ -249,7 +257,8 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    noise_schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000, rescale_betas_zero_snr=args.zero_terminal_snr)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -372,12 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     latents, captions = _encode_pool(parts["vae"], args, pool_rng)
     log("encode", 0, scenes=len(captions), first_caption=captions[0], minutes=(time.perf_counter() - started) / 60)
 
-    parts["scheduler"].register_to_config(prediction_type=args.prediction)
+    from .tiny_unets import sd_ddim_scheduler
+
+    zero_snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if args.zero_terminal_snr else {}
+    parts["scheduler"] = sd_ddim_scheduler(prediction_type=args.prediction, **zero_snr)
     generator = torch.Generator().manual_seed(args.seed)
     evaluate = None
     if args.eval_every:
         def evaluate(ema_unet, ema_text):
-            return _fidelity_now(ema_unet, ema_text, tokenizer, parts["vae"], parts["scheduler"])
+            share = _fidelity_now(ema_unet, ema_text, tokenizer, parts["vae"], parts["scheduler"])
+            # the averaged weights so far, loadable like the finished pipeline (a run cut short keeps them)
+            save_sd_pipeline(args.work / "checkpoint", copy.deepcopy(ema_unet).to(memory_format=torch.contiguous_format),
+                             ema_text, tokenizer, parts["scheduler"], vae=parts["vae"])
+            return share
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args,
                                      generator, log, evaluate)
     log("unet", args.unet_steps, minutes=(time.perf_counter() - started) / 60)
