@@ -10,15 +10,17 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
    latents have unit standard deviation, and it is saved to ``WORK/vae``;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
 3. the UNet and the text encoder together, on v-prediction by default with the plain v loss
-   (DDPM, 1000 scaled-linear steps), with 10 % of captions dropped to ``""`` so classifier-free
-   guidance works; the weights saved are an exponential moving average, whose prompt fidelity
-   (:mod:`.fidelity`, seed 0) is logged every ``--eval-every`` steps.
+   (DDPM, 1000 scaled-linear steps rescaled to zero terminal SNR), with 10 % of captions dropped
+   to ``""`` so classifier-free guidance works; the weights saved are an exponential moving
+   average, whose prompt fidelity (:mod:`.fidelity`, seed 0) is logged, and which is saved to
+   ``WORK/checkpoint``, every ``--eval-every`` steps. The saved scheduler is DDIM on the same
+   betas with 'trailing' timesteps, so sampling starts from pure noise as training ended.
 
 Each stage draws its scenes from its own random stream, so a run with ``--vae`` trains the UNet
 on the same scenes as a run that trains its VAE.
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
-samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). 90 minutes on
+samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 100 minutes on
 2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1). After the VAE
 stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
 there if not, rather than train a UNet on bad latents.
