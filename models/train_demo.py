@@ -66,11 +66,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True,
                    help="rescale the betas so the last timestep is pure noise, and sample from it ('trailing' "
                         "timesteps), as Lin et al. 2024 propose; with Stable Diffusion's betas the last training "
-                        "step still shows where the shapes are, and the model learns to read places from the noise "
+                        "step still shows where the shapes are, so a model can learn to read places from its input "
                         "instead of the caption (default: on)")
     p.add_argument("--eval-every", type=int, default=1000,
                    help="measure prompt fidelity (10 prompts, seed 0) of the averaged weights every this many "
-                        "UNet steps and log it; 0: never (default %(default)s)")
+                        "UNet steps, log it and save those weights to WORK/checkpoint; 0: never (default %(default)s)")
     p.add_argument("--min-vae-colours", type=float, default=0.8,
                    help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
@@ -242,7 +242,8 @@ def _loss_weights(snr, args):
     the many low-noise steps, but it also leaves the high-noise steps (SNR down to 0.005 with
     these betas), where a sample's layout is decided, with almost no weight; the plain v loss
     keeps at least weight 1 there. Both runs trained with min-SNR drew clean shapes in the wrong
-    places (docs/MODELS.md), hence the default ``--min-snr 0``."""
+    places, hence the default ``--min-snr 0``; the plain v loss alone did not put them right
+    either (docs/MODELS.md)."""
     import torch
 
     if args.min_snr <= 0:
