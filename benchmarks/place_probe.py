@@ -1,9 +1,10 @@
 """Does a shapes model place what a caption names? A probe of the first denoising step.
 
-    .venv/bin/python benchmarks/place_probe.py [--model demo] [--noises 4] [--t 951]
+    .venv/bin/python benchmarks/place_probe.py [--model demo] [--noises 4] [--t T]
 
 For "a red circle <place>" at each of the nine places, and a few fixed noises, the UNet's
-prediction of the clean image at timestep ``--t`` (the first step of a 20-step DDIM run is 951) is
+prediction of the clean image at timestep ``--t`` (default: the first timestep of a 20-step run
+of the model's own scheduler: 951 for Stable Diffusion's DDIM, 999 with 'trailing' timesteps) is
 decoded, and the centre of mass of its redness is reported in grid cells (row, column in
 0..2). If the centres follow the place words, the layout is decided by the text from the first
 step and a failed fidelity check lies in sampling; if they stay put whatever the caption says,
@@ -60,7 +61,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
     p.add_argument("--noises", type=int, default=4)
-    p.add_argument("--t", type=int, default=951)
+    p.add_argument("--t", type=int, default=None, help="timestep (default: the first of a 20-step run)")
     p.add_argument("--guidance-scale", type=float, default=5.0)
     args = p.parse_args()
     import torch
@@ -70,6 +71,9 @@ def main() -> int:
 
     pipe = load_pipeline(args.model)
     size = pipe.unet.config.sample_size
+    if args.t is None:
+        pipe.scheduler.set_timesteps(20)
+        args.t = int(pipe.scheduler.timesteps[0])
     print(f"red centre of mass (row, column in cells 0..3) of the predicted clean image at t = {args.t}")
     print("| place | wanted | " + " | ".join(f"noise {n}" for n in range(args.noises)) + " |")
     print("| --- | --- |" + " --- |" * args.noises)

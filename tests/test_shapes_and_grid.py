@@ -173,6 +173,11 @@ def test_pipelines_are_unwrapped_after_a_policy_run_and_give_the_same_result_aga
         run_policy(pipes, spec, 64, 64, 4, config, "partial", reference)
 
 
+def _train_log(work):
+    """The records of ``work/train.jsonl``, one dict per line."""
+    return [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_path):
     """A few steps of each stage (not a useful model): the script saves a pipeline that loads
@@ -184,10 +189,10 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2", "--batch", "2", "--threads", "1"]
     assert train(tiny + ["--out", str(tmp_path / "gated"), "--work", str(tmp_path / "w1")]) == 1  # 2 steps: no colours
     assert not (tmp_path / "gated" / "model_index.json").exists()
-    log = [json.loads(line) for line in (tmp_path / "w1" / "train.jsonl").read_text().splitlines()]
+    log = _train_log(tmp_path / "w1")
     assert any("colours_kept" in entry for entry in log)
     assert train(tiny + ["--min-vae-colours", "0", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w2")]) == 0
-    log = [json.loads(line) for line in (tmp_path / "w2" / "train.jsonl").read_text().splitlines()]
+    log = _train_log(tmp_path / "w2")
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"))
     assert pipe.unet.config.sample_size == 32 and pipe.vae.config.scaling_factor > 0
     assert (tmp_path / "w2" / "loss.png").stat().st_size > 0 and (tmp_path / "w2" / "preview.png").exists()
@@ -195,7 +200,7 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     # --vae reuses the saved VAE, skips its stage and trains on the same pool; fidelity is logged
     reuse = ["--vae", str(tmp_path / "w2" / "vae"), "--eval-every", "2", "--min-vae-colours", "0"]
     assert train(tiny + reuse + ["--out", str(tmp_path / "m3"), "--work", str(tmp_path / "w3")]) == 0
-    log3 = [json.loads(line) for line in (tmp_path / "w3" / "train.jsonl").read_text().splitlines()]
+    log3 = _train_log(tmp_path / "w3")
     assert not any(entry["stage"] == "vae" and "loss" in entry for entry in log3)
     first = {name: next(e["first_caption"] for e in entries if "first_caption" in e) for name, entries in (("w2", log), ("w3", log3))}
     assert first["w2"] == first["w3"], first
