@@ -206,3 +206,50 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     assert first["w2"] == first["w3"], first
     fidelity = [entry for entry in log3 if "fidelity" in entry]
     assert [entry["step"] for entry in fidelity] == [2] and 0.0 <= fidelity[0]["fidelity"] <= 1.0
+
+
+def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_schedule():
+    """--layout-share p: about p of the samples come from LAYOUT_FROM..999, the rest uniformly;
+    p = 0 is plain uniform sampling, p = 1 never leaves the layout steps."""
+    from pcpp_runtime.models.train_demo import LAYOUT_FROM, _timesteps
+
+    count = 20000
+    uniform = _timesteps(count, 0.0, torch.Generator().manual_seed(0))
+    assert uniform.min() >= 0 and uniform.max() <= 999
+    assert abs((uniform >= LAYOUT_FROM).float().mean().item() - (1000 - LAYOUT_FROM) / 1000) < 0.01
+    only_layout = _timesteps(count, 1.0, torch.Generator().manual_seed(0))
+    assert only_layout.min() >= LAYOUT_FROM and only_layout.max() == 999
+    half = _timesteps(count, 0.5, torch.Generator().manual_seed(0))
+    expected = 0.5 + 0.5 * (1000 - LAYOUT_FROM) / 1000
+    assert abs((half >= LAYOUT_FROM).float().mean().item() - expected) < 0.01
+    assert torch.equal(half, _timesteps(count, 0.5, torch.Generator().manual_seed(0)))  # reproducible
+
+
+def test_train_demo_refuses_a_layout_share_outside_0_to_1(capsys):
+    from pcpp_runtime.models.train_demo import main as train
+
+    with pytest.raises(SystemExit):
+        train(["--layout-share", "1.5"])
+    assert "--layout-share must be a share between 0 and 1, got 1.5" in capsys.readouterr().err
+
+
+def test_place_learning_benchmark_trains_and_probes_all_nine_places(tmp_path):
+    """Two steps on an untrained VAE (not a measurement): the script trains, then reports one red
+    centre (or "no red") per place and noise."""
+    from pcpp_runtime.models.demo_model import demo_components, write_word_tokenizer
+    from transformers import CLIPTokenizer
+
+    write_word_tokenizer(tmp_path / "tok")
+    demo_components(CLIPTokenizer.from_pretrained(str(tmp_path / "tok")))["vae"].save_pretrained(str(tmp_path / "vae"))
+    out = subprocess.run(
+        [sys.executable, "benchmarks/place_learning.py", "--vae", str(tmp_path / "vae"), "--steps", "2",
+         "--scenes", "64", "--threads", "1", "--work", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    assert "step 2 (" in out and "in the named cell" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith(("| place", "| ---"))]
+    assert [row.split(" | ")[0][2:] for row in rows] == list(POSITIONS)
+    assert all(len(row.split(" | ")) == 4 for row in rows)
+    bad = subprocess.run([sys.executable, "benchmarks/place_learning.py", "--vae", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "holds no VAE" in bad.stderr
