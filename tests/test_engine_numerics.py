@@ -115,3 +115,33 @@ def test_a_failed_generation_stops_every_rank_and_refuses_reuse(tiny_sd_path):
     assert time.monotonic() - start < 30
     with pytest.raises(RuntimeError, match="connect a new transport"):
         call_pipeline(wrapped[0], SPEC, *SQUARE)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("world", [2, 3])
+def test_strip_group_norm_statistics_combine_to_the_whole_image_norm(affine, world):
+    """Each strip's statistics, combined as StripGroupNorm combines them (weighted by strip rows),
+    and its normalization give nn.GroupNorm of the whole image, row for row, also for an input
+    that is not contiguous (a token sequence transposed to channels-first, as attention blocks
+    pass it)."""
+    from pcpp_runtime.layers.group_norm import StripGroupNorm, _strip_statistics
+
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    whole = torch.randn(2, 16, 12, 10) * 3 + 1.5
+    expected = norm(whole)
+    cuts = [round(i * 12 / world) for i in range(world + 1)]
+    strips = [whole[:, :, a:b] for a, b in zip(cuts, cuts[1:])]
+    stats = torch.stack([_strip_statistics(s, 4) for s in strips])  # (N, B, G, 2)
+    weights = torch.tensor([(b - a) / 12 for a, b in zip(cuts, cuts[1:])]).view(-1, 1, 1)
+    mean = (weights * stats[..., 0]).sum(dim=0)
+    var = (weights * (stats[..., 1] + (stats[..., 0] - mean) ** 2)).sum(dim=0)
+    layer = StripGroupNorm(norm, 0, "test", runtime=None)
+    for strip, a, b in zip(strips, cuts, cuts[1:]):
+        torch.testing.assert_close(layer._normalize(strip, mean, var), expected[:, :, a:b], rtol=1e-5, atol=1e-5)
+        tokens = strip.flatten(2).transpose(1, 2).contiguous().transpose(1, 2)  # (B, C, L), not contiguous
+        assert not tokens.is_contiguous()
+        torch.testing.assert_close(layer._normalize(tokens, mean, var), expected[:, :, a:b].flatten(2), rtol=1e-5, atol=1e-5)

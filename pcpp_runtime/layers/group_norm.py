@@ -13,6 +13,13 @@ at displaced steps the other ranks' are from the previous step and this rank's a
 (DistriFusion's "corrected" statistics, written stably). Policies without ``global_norm`` use the
 strip's own statistics.
 
+Speed: the statistics are two plain reductions (the mean, then the mean squared deviation from
+it), and the normalization is one ``batch_norm`` call in inference mode over ``(1, B * C, L)``
+with the combined per-(sample, channel) mean and variance as its running statistics: both run at
+about the speed of ``nn.GroupNorm``'s own kernel on the CPU, where ``torch.var_mean`` over the
+same data was 17 times slower and the explicit ``(x - mean) * rstd * weight + bias`` four passes
+(measured in docs/BENCHMARKS.md).
+
 Shapes: input ``(B, C, *spatial)`` -- this rank's strip (spatial is ``(h, W)``, or ``(h*W,)``
 when called on a token sequence transposed to channels-first); output the same.
 """
@@ -20,6 +27,7 @@ when called on a token sequence transposed to channels-first); output the same.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import Channel, RankRuntime
@@ -55,9 +63,8 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         batch = x.shape[0]
         if self.needs_registration():
             self._register(batch, x.device)
+        local = _strip_statistics(x, self.norm.num_groups)  # (B, G, 2)
         groups = self.norm.num_groups
-        var, mean = torch.var_mean(x.reshape(batch, groups, -1).float(), dim=-1, unbiased=False)
-        local = torch.stack([mean, var], dim=-1)  # (B, G, 2)
         shape = (batch, groups, 2)
 
         # Same posting order on every rank (fresh exchange, next step's sends, next step's
@@ -82,15 +89,19 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         return self._normalize(x, mean, var)
 
     def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``x`` normalized with the whole image's ``mean`` and ``var`` ``(B, G)`` (float32), then
+        the norm's affine transform: one inference-mode ``batch_norm`` over ``(1, B * C, L)``."""
         batch, channels = x.shape[:2]
-        groups = self.norm.num_groups
-        grouped = x.reshape(batch, groups, -1)
-        inv = torch.rsqrt(var + self.norm.eps).to(x.dtype)
-        out = ((grouped - mean.to(x.dtype).unsqueeze(-1)) * inv.unsqueeze(-1)).reshape(x.shape)
-        if self.norm.affine:
-            affine_shape = (1, channels) + (1,) * (x.dim() - 2)
-            out = out * self.norm.weight.view(affine_shape) + self.norm.bias.view(affine_shape)
-        return out
+        per_group = channels // self.norm.num_groups
+        running_mean = mean.repeat_interleave(per_group, dim=1).reshape(-1)  # (B * C,)
+        running_var = var.repeat_interleave(per_group, dim=1).reshape(-1)
+        weight = bias = None
+        if self.norm.affine:  # float32 like the statistics: batch_norm takes a half input with float parameters
+            weight = self.norm.weight.float().repeat(batch)
+            bias = self.norm.bias.float().repeat(batch)
+        out = F.batch_norm(x.reshape(1, batch * channels, -1), running_mean, running_var, weight, bias,
+                           training=False, momentum=0.0, eps=self.norm.eps)
+        return out.reshape(x.shape)
 
     def _post_sends(self, local: torch.Tensor, shape: tuple[int, ...]) -> None:
         runtime = self.runtime
@@ -108,3 +119,13 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
                 buf = self.stale[peer].view(shape)
                 self._pending_recv.append(runtime.post_recv(buf, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
 
+
+
+def _strip_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-(sample, group) mean and biased variance of the strip ``x`` ``(B, C, *spatial)``, in
+    float32: ``(B, G, 2)``. Two passes (mean, then mean squared deviation), as stable as
+    ``torch.var_mean`` and many times faster on the CPU."""
+    grouped = x.reshape(x.shape[0], groups, -1).float()
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = (grouped - mean).square().mean(dim=-1)
+    return torch.stack([mean.squeeze(-1), var], dim=-1)
