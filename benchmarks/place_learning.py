@@ -1,12 +1,12 @@
-"""How fast does the demo UNet learn the place words? A short training on single-shape scenes.
+"""How fast does the demo UNet learn the place words? A short training on shapes scenes.
 
     .venv/bin/python benchmarks/place_learning.py --vae out/train-demo/vae [--steps 450] [--t-from 999]
 
 Trains a fresh ``demo`` UNet and text encoder (v-prediction, zero terminal SNR) on ``--scenes``
-single-shape scenes, with timesteps drawn uniformly from ``--t-from``..999 only, and every
-``--probe-every`` steps reports where the red of "a red circle <place>" lands in the clean
-image the raw (not averaged) weights predict from pure noise at t = 999, for the nine places and
-two noises (``place_probe.red_centre``: row, column in grid cells 0..3).
+scenes of one shape (``--max-shapes 3``: one to three, as ``train_demo``), with timesteps drawn
+uniformly from ``--t-from``..999 only, and every ``--probe-every`` steps reports where the red of
+"a red circle <place>" lands in the clean image the raw (not averaged) weights predict from pure
+noise at t = 999, for the nine places and two noises (``place_probe.red_centre``: row, column in grid cells 0..3).
 
 At t = 999 the input holds nothing of the picture, so only the caption can move the red: with
 ``--t-from 999`` this measures how many steps the architecture needs to tie a place word to a
@@ -32,12 +32,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--t-from", type=int, default=999, help="lowest training timestep (default %(default)s)")
     p.add_argument("--scenes", type=int, default=1024)
+    p.add_argument("--max-shapes", type=int, default=1, help="shapes per scene, 1 to this (default %(default)s; train_demo: 3)")
     p.add_argument("--probe-every", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("out/place-learning"), help="where the tokenizer is written")
     args = p.parse_args()
     if not 0 <= args.t_from <= 999:
         p.error(f"--t-from must be a timestep in 0..999, got {args.t_from}")
+    if not 1 <= args.max_shapes <= 3:
+        p.error(f"--max-shapes must be 1, 2 or 3, got {args.max_shapes}")
     if not (args.vae / "config.json").exists():
         p.error(f"--vae {args.vae} holds no VAE (no config.json); train_demo saves one in WORK/vae")
     import torch
@@ -64,7 +67,7 @@ def main() -> int:
     latents, captions = [], []
     with torch.no_grad():
         for _ in range(0, args.scenes, 64):
-            scenes = [sample_scene(rng, max_shapes=1) for _ in range(64)]
+            scenes = [sample_scene(rng, max_shapes=args.max_shapes) for _ in range(64)]
             images = torch.from_numpy(np.stack([render(scene) for scene in scenes]))
             latents.append(vae.encode(images).latent_dist.mean * scale)
             captions += [scene.caption for scene in scenes]

@@ -253,3 +253,19 @@ def test_place_learning_benchmark_trains_and_probes_all_nine_places(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/place_learning.py", "--vae", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "holds no VAE" in bad.stderr
+
+
+def test_train_demo_pool_draws_the_one_shape_share_and_leaves_the_plain_stream_alone():
+    """--one-shape-share 1: every caption names one shape; 0: exactly the scenes sample_scene
+    draws from the same stream (the VAE stage's scenes do not move); 0.5: about half plus the
+    third of the rest that has one shape anyway."""
+    from pcpp_runtime.models.train_demo import _scene_batch
+
+    _, only_one = _scene_batch(np.random.default_rng(1), 40, 32, one_shape_share=1.0)
+    assert all(" and " not in caption for caption in only_one)
+    _, plain = _scene_batch(np.random.default_rng(1), 40, 32)
+    rng = np.random.default_rng(1)
+    assert plain == [sample_scene(rng).caption for _ in range(40)]
+    _, mixed = _scene_batch(np.random.default_rng(1), 600, 8, one_shape_share=0.5)
+    single = sum(" and " not in caption for caption in mixed) / len(mixed)
+    assert 0.58 < single < 0.75, single  # expected 0.5 + 0.5 / 3 = 0.67
