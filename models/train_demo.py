@@ -13,8 +13,8 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
 3. the UNet and the text encoder together, on v-prediction by default with the plain v loss
    (DDPM, 1000 scaled-linear steps rescaled to zero terminal SNR), with half of each batch's
    timesteps drawn from the top 10 % of the schedule, where only the caption can place a shape
-   (``--layout-share``), and 10 % of captions dropped to ``""`` so classifier-free guidance works; the weights saved are an exponential moving
-   average, whose prompt fidelity (:mod:`.fidelity`, seed 0) is logged, and which is saved to
+   (``--layout-share``), and 10 % of captions dropped to ``""`` so classifier-free guidance
+   works; the weights saved are an exponential moving average, whose prompt fidelity (:mod:`.fidelity`, seed 0) is logged, and which is saved to
    ``WORK/checkpoint``, every ``--eval-every`` steps. The saved scheduler is DDIM on the same
    betas with 'trailing' timesteps, so sampling starts from pure noise as training ended.
 
@@ -117,7 +117,7 @@ def _scene_batch(rng, count: int, size: int, one_shape_share: float = 0.0):
 
     from .shapes import render, sample_scene
 
-    def one() -> object:
+    def one():
         if one_shape_share > 0 and rng.random() < one_shape_share:
             return sample_scene(rng, max_shapes=1)
         return sample_scene(rng)

@@ -63,8 +63,8 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         batch = x.shape[0]
         if self.needs_registration():
             self._register(batch, x.device)
-        local = _strip_statistics(x, self.norm.num_groups)  # (B, G, 2)
         groups = self.norm.num_groups
+        local = _strip_statistics(x, groups)  # (B, G, 2)
         shape = (batch, groups, 2)
 
         # Same posting order on every rank (fresh exchange, next step's sends, next step's
@@ -118,7 +118,6 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
             if peer != runtime.rank:
                 buf = self.stale[peer].view(shape)
                 self._pending_recv.append(runtime.post_recv(buf, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
-
 
 
 def _strip_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:
