@@ -8,15 +8,16 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
 1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1, L1 of 8 x 8 block
    means for the colour of flat areas, a small KL term); its ``scaling_factor`` is then set so
    latents have unit standard deviation, and it is saved to ``WORK/vae``;
-2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``), half
-   of them with a single shape (``--one-shape-share``), the rest with one to three;
+2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
+   ``--one-shape-share`` gives that share of them a single shape;
 3. the UNet and the text encoder together, on v-prediction by default with the plain v loss
-   (DDPM, 1000 scaled-linear steps rescaled to zero terminal SNR), with half of each batch's
-   timesteps drawn from the top 10 % of the schedule, where only the caption can place a shape
-   (``--layout-share``), and 10 % of captions dropped to ``""`` so classifier-free guidance
-   works; the weights saved are an exponential moving average, whose prompt fidelity (:mod:`.fidelity`, seed 0) is logged, and which is saved to
-   ``WORK/checkpoint``, every ``--eval-every`` steps. The saved scheduler is DDIM on the same
-   betas with 'trailing' timesteps, so sampling starts from pure noise as training ended.
+   (DDPM, 1000 scaled-linear steps rescaled to zero terminal SNR; ``--layout-share`` draws that
+   share of the timesteps from the top 10 % of the schedule, where only the caption can place a
+   shape), with 10 % of captions dropped to ``""`` so classifier-free guidance works; the
+   weights saved are an exponential moving average, whose prompt fidelity (:mod:`.fidelity`,
+   seed 0) is logged, and which is saved to ``WORK/checkpoint``, every ``--eval-every`` steps.
+   The saved scheduler is DDIM on the same betas with 'trailing' timesteps, so sampling starts
+   from pure noise as training ended.
 
 Each stage draws its scenes from its own random stream, so a run with ``--vae`` trains the UNet
 on the same scenes as a run that trains its VAE.
@@ -70,16 +71,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "timesteps), as Lin et al. 2024 propose; with Stable Diffusion's betas the last training "
                         "step still shows where the shapes are, so a model can learn to read places from its input "
                         "instead of the caption (default: on)")
-    p.add_argument("--layout-share", type=float, default=0.5,
+    p.add_argument("--layout-share", type=float, default=0.0,
                    help="share of each batch whose timestep is drawn from the top 10 %% (t >= 900) instead of all "
-                        "1000: there the input holds almost no trace of the picture, so only the caption can say "
-                        "where the shapes go; uniform timesteps put 5 %% of samples there and the place words were "
-                        "not learnt (default %(default)s)")
-    p.add_argument("--one-shape-share", type=float, default=0.5,
-                   help="share of the pool's scenes drawn with exactly one shape; the rest have one to three. "
-                        "On scenes of one to three shapes a fresh UNet had not even learnt the colour at t = 999 "
-                        "after 450 steps, where on one-shape scenes it had begun to place shapes after 300 "
-                        "(benchmarks/place_learning.py; default %(default)s)")
+                        "1000, where the input holds almost no trace of the picture and only the caption can say "
+                        "where the shapes go. 0.5 did not make the place words learnt within 2000 steps, so the "
+                        "default stays uniform (default %(default)s; docs/MODELS.md)")
+    p.add_argument("--one-shape-share", type=float, default=0.0,
+                   help="share of the pool's scenes drawn with exactly one shape; the rest have one to three "
+                        "(default %(default)s: all one to three; 0.5 with --layout-share 0.5 had not learnt the "
+                        "place words after 1000 steps, docs/MODELS.md)")
     p.add_argument("--eval-every", type=int, default=1000,
                    help="measure prompt fidelity (10 prompts, seed 0) of the averaged weights every this many "
                         "UNet steps, log it and save those weights to WORK/checkpoint; 0: never (default %(default)s)")
@@ -282,15 +282,17 @@ LAYOUT_FROM = 900
 
 def _timesteps(count: int, layout_share: float, generator):
     """Training timesteps ``(count,)``: uniform over 0..999, except that each sample, with
-    probability ``layout_share``, is drawn from ``LAYOUT_FROM``..999 instead.
+    probability ``layout_share`` (0: never, and no further random draws), is drawn from
+    ``LAYOUT_FROM``..999 instead.
 
-    Uniform timesteps gave the high-noise steps, where sampling decides the layout, 5 % of the
-    samples at most; in probes trained that way the predicted picture did not depend on the place
-    words at all, while a probe trained on t = 999 alone began to place shapes after a few hundred
-    steps (docs/MODELS.md)."""
+    Uniform timesteps give the high-noise steps, where sampling decides the layout, 10 % of the
+    samples. Whether more of them teaches the place words is not shown yet: a run with
+    ``layout_share`` 0.5 had not learnt them after 2000 steps (docs/MODELS.md)."""
     import torch
 
     uniform = torch.randint(0, 1000, (count,), generator=generator)
+    if layout_share <= 0:  # draws nothing more: the same stream as before the option existed
+        return uniform
     layout = torch.randint(LAYOUT_FROM, 1000, (count,), generator=generator)
     chosen = torch.rand(count, generator=generator) < layout_share
     return torch.where(chosen, layout, uniform)
