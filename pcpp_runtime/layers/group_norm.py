@@ -16,9 +16,9 @@ strip's own statistics.
 Speed: the statistics are two plain reductions (the mean, then the mean squared deviation from
 it), and the normalization is one ``batch_norm`` call in inference mode over ``(1, B * C, L)``
 with the combined per-(sample, channel) mean and variance as its running statistics: both run at
-about the speed of ``nn.GroupNorm``'s own kernel on the CPU, where ``torch.var_mean`` over the
-same data was 17 times slower and the explicit ``(x - mean) * rstd * weight + bias`` four passes
-(measured in docs/BENCHMARKS.md).
+about the speed of ``nn.GroupNorm``'s own kernel on the CPU. ``torch.var_mean`` over the same
+data was 17 times slower than the two reductions, and the explicit ``(x - mean) * rstd * weight
++ bias`` took four passes (docs/BENCHMARKS.md).
 
 Shapes: input ``(B, C, *spatial)`` -- this rank's strip (spatial is ``(h, W)``, or ``(h*W,)``
 when called on a token sequence transposed to channels-first); output the same.
