@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from place_probe import red_centre  # noqa: E402
+from place_probe import decoded_pixels, red_centre  # noqa: E402
 
 
 def main() -> int:
@@ -44,12 +44,12 @@ def main() -> int:
     if not (args.vae / "config.json").exists():
         p.error(f"--vae {args.vae} holds no VAE (no config.json); train_demo saves one in WORK/vae")
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
     from pcpp_runtime.models.demo_model import demo_components, write_word_tokenizer
     from pcpp_runtime.models.shapes import POSITIONS, render, sample_scene, shape_phrase
-    from pcpp_runtime.models.train_demo import _lr_at
+    from pcpp_runtime.models.train_demo import _lr_at, _noise_schedule
 
     torch.set_num_threads(args.threads)
     write_word_tokenizer(args.work / "tokenizer")
@@ -72,8 +72,7 @@ def main() -> int:
             latents.append(vae.encode(images).latent_dist.mean * scale)
             captions += [scene.caption for scene in scenes]
     latents, caption_ids = torch.cat(latents), ids(captions)
-    noise_schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   num_train_timesteps=1000, rescale_betas_zero_snr=True)
+    noise_schedule = _noise_schedule(zero_terminal_snr=True)
     alpha_last = noise_schedule.alphas_cumprod[999]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
@@ -91,8 +90,7 @@ def main() -> int:
                     x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(n))
                     v = unet(x, torch.tensor([999]), context).sample
                     x0 = alpha_last.sqrt() * x - (1 - alpha_last).sqrt() * v
-                    image = vae.decode(x0 / scale).sample[0].clamp(-1, 1)
-                    centre = red_centre(((image.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8))
+                    centre = red_centre(decoded_pixels(vae, x0))
                     if centre is None:
                         cells.append("no red")
                         continue

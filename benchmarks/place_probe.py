@@ -39,6 +39,12 @@ def predicted_x0(pipe, prompt: str, noise, t: int, guidance: float):
     return (x_t - s * pred) / a
 
 
+def decoded_pixels(vae, x0) -> np.ndarray:
+    """The clean latent ``x0`` ``(1, 4, h, w)`` decoded by ``vae``: ``(8h, 8w, 3)`` uint8."""
+    image = vae.decode(x0 / vae.config.scaling_factor).sample[0]
+    return ((image.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+
+
 def red_centre(image: np.ndarray) -> tuple[float, float] | None:
     """Centre of mass (row, column, in grid cells 0..3) of the image's redness, or None when the
     image is hardly red anywhere. ``image``: ``(H, W, 3)`` in 0..255.
@@ -84,8 +90,7 @@ def main() -> int:
             noise = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(n))
             x0 = predicted_x0(pipe, shape_phrase("red", "circle", place), noise, args.t, args.guidance_scale)
             with torch.no_grad():
-                image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample[0]
-            pixels = ((image.clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)
+                pixels = decoded_pixels(pipe.vae, x0)
             centre = red_centre(pixels)
             total += 1
             if centre is None:

@@ -298,16 +298,23 @@ def _timesteps(count: int, layout_share: float, generator):
     return torch.where(chosen, layout, uniform)
 
 
+def _noise_schedule(zero_terminal_snr: bool):
+    """The training noise schedule: DDPM, 1000 of Stable Diffusion's scaled-linear steps,
+    rescaled to zero terminal SNR when asked."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, rescale_betas_zero_snr=zero_terminal_snr)
+
+
 def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log, evaluate=None):
     """Train ``unet`` and ``text_encoder`` together on ``args.prediction`` (noise or v) with
     ``_loss_weights``; returns their EMAs. Every ``args.eval_every`` steps ``evaluate(ema_unet,
     ema_text)`` (a share of passed fidelity cases) is logged, when given."""
     import torch
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    noise_schedule = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   num_train_timesteps=1000, rescale_betas_zero_snr=args.zero_terminal_snr)
+    noise_schedule = _noise_schedule(args.zero_terminal_snr)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     params = list(unet.parameters()) + list(text_encoder.parameters())

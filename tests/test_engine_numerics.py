@@ -124,7 +124,7 @@ def test_strip_group_norm_statistics_combine_to_the_whole_image_norm(affine, wor
     and its normalization give nn.GroupNorm of the whole image, row for row, also for an input
     that is not contiguous (a token sequence transposed to channels-first, as attention blocks
     pass it)."""
-    from pcpp_runtime.layers.group_norm import StripGroupNorm, _strip_statistics
+    from pcpp_runtime.layers.group_norm import StripGroupNorm, _combine_statistics, _strip_statistics
 
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 16, affine=affine)
@@ -136,9 +136,7 @@ def test_strip_group_norm_statistics_combine_to_the_whole_image_norm(affine, wor
     cuts = [round(i * 12 / world) for i in range(world + 1)]
     strips = [whole[:, :, a:b] for a, b in zip(cuts, cuts[1:])]
     stats = torch.stack([_strip_statistics(s, 4) for s in strips])  # (N, B, G, 2)
-    weights = torch.tensor([(b - a) / 12 for a, b in zip(cuts, cuts[1:])]).view(-1, 1, 1)
-    mean = (weights * stats[..., 0]).sum(dim=0)
-    var = (weights * (stats[..., 1] + (stats[..., 0] - mean) ** 2)).sum(dim=0)
+    mean, var = _combine_statistics(stats, torch.tensor([(b - a) / 12 for a, b in zip(cuts, cuts[1:])]))
     layer = StripGroupNorm(norm, 0, "test", runtime=None)
     for strip, a, b in zip(strips, cuts, cuts[1:]):
         torch.testing.assert_close(layer._normalize(strip, mean, var), expected[:, :, a:b], rtol=1e-5, atol=1e-5)

@@ -80,10 +80,7 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
                 self._post_sends(local, shape)
             self.wait_received()
             gathered = [self.stale[r].view(shape) if r != runtime.rank else local for r in range(runtime.world_size)]
-        stats = torch.stack(gathered, dim=0)  # (N, B, G, 2)
-        weights = self.weights.view(-1, 1, 1)
-        mean = (weights * stats[..., 0]).sum(dim=0)
-        var = (weights * (stats[..., 1] + (stats[..., 0] - mean) ** 2)).sum(dim=0)
+        mean, var = _combine_statistics(torch.stack(gathered, dim=0), self.weights)
         if post_next:
             self._post_recvs(shape)
         return self._normalize(x, mean, var)
@@ -128,3 +125,13 @@ def _strip_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:
     mean = grouped.mean(dim=-1, keepdim=True)
     var = (grouped - mean).square().mean(dim=-1)
     return torch.stack([mean.squeeze(-1), var], dim=-1)
+
+
+def _combine_statistics(stats: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole image's mean and biased variance ``(B, G)`` from every strip's ``stats``
+    ``(N, B, G, 2)`` and the strips' shares of the rows ``weights`` ``(N,)`` (the formula of the
+    module docstring)."""
+    weights = weights.view(-1, 1, 1)
+    mean = (weights * stats[..., 0]).sum(dim=0)
+    var = (weights * (stats[..., 1] + (stats[..., 0] - mean) ** 2)).sum(dim=0)
+    return mean, var
