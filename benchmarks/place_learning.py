@@ -35,6 +35,11 @@ def main() -> int:
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per scene, 1 to this (default %(default)s; train_demo: 3)")
     p.add_argument("--probe-every", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--position", choices=("padding", "learnt"), default="padding",
+                   help="where the UNet learns position from: 'padding' (the demo UNet as it is: zero padding "
+                        "only) or 'learnt' (an experiment: a learnt embedding of shape (32, 32, 32), started "
+                        "from 2-D sines, added to conv_in's output; UNet2DConditionModel has no such option)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the training stream")
     p.add_argument("--work", type=Path, default=Path("out/place-learning"), help="where the tokenizer is written")
     args = p.parse_args()
     if not 0 <= args.t_from <= 999:
@@ -54,8 +59,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     write_word_tokenizer(args.work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(args.work / "tokenizer"))
-    parts = demo_components(tokenizer, seed=0)
+    parts = demo_components(tokenizer, seed=args.seed)
     unet, text_encoder = parts["unet"], parts["text_encoder"]
+    if args.position == "learnt":
+        _add_learnt_position(unet)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).eval()
     scale = vae.config.scaling_factor
 
@@ -76,20 +83,22 @@ def main() -> int:
     alpha_last = noise_schedule.alphas_cumprod[999]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
+    templates = _place_templates(vae, scale)
 
     def probe() -> tuple[int, list[str]]:
         unet.eval()
         text_encoder.eval()
-        hits, rows = 0, []
+        hits, rows, means = 0, [], []
         with torch.no_grad():
             for place, ((row, col), _) in POSITIONS.items():
                 context = text_encoder(ids([shape_phrase("red", "circle", place)]))[0]
-                cells = []
+                cells, predictions = [], []
                 for n in range(2):
                     x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(n))
                     v = unet(x, torch.tensor([999]), context).sample
                     x0 = alpha_last.sqrt() * x - (1 - alpha_last).sqrt() * v
+                    predictions.append(x0[0])
                     centre = red_centre(decoded_pixels(vae, x0))
                     if centre is None:
                         cells.append("no red")
@@ -97,9 +106,10 @@ def main() -> int:
                     hits += int(centre[0]) == row and int(centre[1]) == col
                     cells.append(f"{centre[0]:.1f}, {centre[1]:.1f}")
                 rows.append(f"| {place} | {row + 0.5:.1f}, {col + 0.5:.1f} | " + " | ".join(cells) + " |")
+                means.append(torch.stack(predictions).mean(0))
         unet.train()
         text_encoder.train()
-        return hits, rows
+        return hits, rows, _template_matches(torch.stack(means), templates)
 
     started = time.perf_counter()
     for step in range(args.steps):
@@ -116,12 +126,63 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % args.probe_every == 0 or step + 1 == args.steps:
-            hits, rows = probe()
+            hits, rows, (matched, cosine) = probe()
             print(f"\nstep {step + 1} ({time.perf_counter() - started:.0f} s), loss {loss.item():.3f}: "
-                  f"red centre (row, column) from pure noise at t = 999, in the named cell {hits} of 18")
+                  f"red centre (row, column) from pure noise at t = 999, in the named cell {hits} of 18; "
+                  f"latent template match {matched} of 9 (mean cosine with the named place's {cosine:.2f})")
             print("| place | wanted | noise 0 | noise 1 |\n| --- | --- | --- | --- |")
             print("\n".join(rows), flush=True)
     return 0
+
+
+def _add_learnt_position(unet) -> None:
+    """Experiment: a learnt positional embedding ``(1, C, H, W)`` (C = conv_in's channels), started
+    from 2-D sines and cosines of the row and column, added to ``unet.conv_in``'s output."""
+    import torch
+
+    channels, size = unet.conv_in.out_channels, unet.config.sample_size
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    frequencies = torch.pi * 2.0 ** torch.arange(channels // 4, dtype=torch.float32)
+    angles = coords[:, None] * frequencies[None]  # (size, channels / 4)
+    waves = torch.cat([angles.sin(), angles.cos()], dim=1)  # (size, channels / 2)
+    embedding = torch.cat([waves.T[:, :, None].expand(-1, -1, size), waves.T[:, None, :].expand(-1, size, -1)])
+    unet.register_parameter("position_experiment", torch.nn.Parameter(embedding[None].clone()))
+    unet.conv_in.register_forward_hook(lambda module, args, output: output + unet.position_experiment)
+
+
+def _place_templates(vae, scale: float, per_place: int = 16):
+    """Mean clean latent ``(9, 4, h, w)`` of ``per_place`` single red circles in each place (order of
+    ``POSITIONS``), jittered and sized like the data set, on random backgrounds."""
+    import torch
+
+    from pcpp_runtime.models.shapes import BACKGROUNDS, POSITIONS, Scene, Shape, render
+
+    rng = np.random.default_rng(11)
+    templates = []
+    with torch.no_grad():
+        for place, ((row, col), _) in POSITIONS.items():
+            scenes = []
+            for _ in range(per_place):
+                jitter = rng.uniform(-0.08, 0.08, size=2)
+                centre = ((row + 0.5) / 3 + jitter[0], (col + 0.5) / 3 + jitter[1])
+                tone = str(rng.choice(list(BACKGROUNDS)))
+                scenes.append(Scene((Shape("circle", "red", place, centre, float(rng.uniform(0.12, 0.26))),), (tone, tone)))
+            images = torch.from_numpy(np.stack([render(scene) for scene in scenes]))
+            templates.append((vae.encode(images).latent_dist.mean * scale).mean(0))
+    return torch.stack(templates)
+
+
+def _template_matches(predictions, templates) -> tuple[int, float]:
+    """How many of the nine place predictions ``(9, 4, h, w)`` are closest (cosine) to the template of
+    their own place, after both sets lose their mean over the places (what the place word does not
+    move); and the mean cosine of each with its own place's template."""
+    import torch
+
+    moved = (predictions - predictions.mean(0, keepdim=True)).flatten(1)
+    wanted = (templates - templates.mean(0, keepdim=True)).flatten(1)
+    cosine = torch.nn.functional.normalize(moved, dim=1) @ torch.nn.functional.normalize(wanted, dim=1).T
+    matched = int((cosine.argmax(1) == torch.arange(9)).sum())
+    return matched, float(cosine.diagonal().mean())
 
 
 if __name__ == "__main__":
