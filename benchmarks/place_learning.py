@@ -155,18 +155,17 @@ def _place_templates(vae, scale: float, per_place: int = 16):
     ``POSITIONS``), jittered and sized like the data set, on random backgrounds."""
     import torch
 
-    from pcpp_runtime.models.shapes import BACKGROUNDS, POSITIONS, Scene, Shape, render
+    from pcpp_runtime.models.shapes import BACKGROUNDS, POSITIONS, Scene, placed_shape, render
 
     rng = np.random.default_rng(11)
     templates = []
     with torch.no_grad():
-        for place, ((row, col), _) in POSITIONS.items():
+        for place in POSITIONS:
             scenes = []
             for _ in range(per_place):
-                jitter = rng.uniform(-0.08, 0.08, size=2)
-                centre = ((row + 0.5) / 3 + jitter[0], (col + 0.5) / 3 + jitter[1])
+                shape = placed_shape(rng, "circle", "red", place)
                 tone = str(rng.choice(list(BACKGROUNDS)))
-                scenes.append(Scene((Shape("circle", "red", place, centre, float(rng.uniform(0.12, 0.26))),), (tone, tone)))
+                scenes.append(Scene((shape,), (tone, tone)))
             images = torch.from_numpy(np.stack([render(scene) for scene in scenes]))
             templates.append((vae.encode(images).latent_dist.mean * scale).mean(0))
     return torch.stack(templates)

@@ -33,6 +33,7 @@ __all__ = [
     "Scene",
     "Shape",
     "caption_words",
+    "placed_shape",
     "region_colour_shares",
     "region_slices",
     "render",
@@ -128,19 +129,25 @@ def sample_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
             free = cells
         position = str(rng.choice(free))
         cells.remove(position)
-        (row, col), _ = POSITIONS[position]
-        jitter = rng.uniform(-0.08, 0.08, size=2)
-        centre = ((row + 0.5) / 3 + jitter[0], (col + 0.5) / 3 + jitter[1])
-        if kind == "stripe":
-            centre = ((row + 0.5) / 3, (col + 0.5) / 3)
-            size = float(rng.uniform(0.06, 0.12))
-        else:
-            size = float(rng.uniform(0.12, 0.26))
-        shapes.append(Shape(kind, str(colour), position, (float(centre[0]), float(centre[1])), size))
+        shapes.append(placed_shape(rng, kind, str(colour), position))
     tones = list(BACKGROUNDS)
     top = str(rng.choice(tones))
     bottom = top if rng.random() < 0.5 else str(rng.choice(tones))
     return Scene(tuple(shapes), (top, bottom))
+
+
+def placed_shape(rng: np.random.Generator, kind: str, colour: str, position: str) -> Shape:
+    """A ``kind`` shape of ``colour`` in grid cell ``position``: centre jittered inside the cell
+    (stripes sit on the cell's centre line), size drawn for its kind."""
+    (row, col), _ = POSITIONS[position]
+    jitter = rng.uniform(-0.08, 0.08, size=2)  # drawn for stripes too, so every shape takes the same draws
+    centre = ((row + 0.5) / 3 + jitter[0], (col + 0.5) / 3 + jitter[1])
+    if kind == "stripe":
+        centre = ((row + 0.5) / 3, (col + 0.5) / 3)
+        size = float(rng.uniform(0.06, 0.12))
+    else:
+        size = float(rng.uniform(0.12, 0.26))
+    return Shape(kind, colour, position, (float(centre[0]), float(centre[1])), size)
 
 
 def _mask(shape: Shape, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
