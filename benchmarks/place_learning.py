@@ -35,10 +35,10 @@ def main() -> int:
     p.add_argument("--max-shapes", type=int, default=1, help="shapes per scene, 1 to this (default %(default)s; train_demo: 3)")
     p.add_argument("--probe-every", type=int, default=150)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--position", choices=("padding", "learnt"), default="padding",
-                   help="where the UNet learns position from: 'padding' (the demo UNet as it is: zero padding "
-                        "only) or 'learnt' (an experiment: a learnt embedding of shape (32, 32, 32), started "
-                        "from 2-D sines, added to conv_in's output; UNet2DConditionModel has no such option)")
+    p.add_argument("--position", choices=("padding", "learnt"), default="learnt",
+                   help="where the UNet learns position from: 'learnt' (the demo UNet: a learnt embedding of "
+                        "shape (32, 32, 32), started from 2-D sines, added to conv_in's output) or 'padding' "
+                        "(a plain UNet2DConditionModel: zero padding only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the training stream")
     p.add_argument("--work", type=Path, default=Path("out/place-learning"), help="where the tokenizer is written")
     args = p.parse_args()
@@ -59,10 +59,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     write_word_tokenizer(args.work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(args.work / "tokenizer"))
-    parts = demo_components(tokenizer, seed=args.seed)
+    parts = demo_components(tokenizer, seed=args.seed, position_embedding=args.position == "learnt")
     unet, text_encoder = parts["unet"], parts["text_encoder"]
-    if args.position == "learnt":
-        _add_learnt_position(unet)
     vae = AutoencoderKL.from_pretrained(str(args.vae)).eval()
     scale = vae.config.scaling_factor
 
@@ -133,21 +131,6 @@ def main() -> int:
             print("| place | wanted | noise 0 | noise 1 |\n| --- | --- | --- | --- |")
             print("\n".join(rows), flush=True)
     return 0
-
-
-def _add_learnt_position(unet) -> None:
-    """Experiment: a learnt positional embedding ``(1, C, H, W)`` (C = conv_in's channels), started
-    from 2-D sines and cosines of the row and column, added to ``unet.conv_in``'s output."""
-    import torch
-
-    channels, size = unet.conv_in.out_channels, unet.config.sample_size
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    frequencies = torch.pi * 2.0 ** torch.arange(channels // 4, dtype=torch.float32)
-    angles = coords[:, None] * frequencies[None]  # (size, channels / 4)
-    waves = torch.cat([angles.sin(), angles.cos()], dim=1)  # (size, channels / 2)
-    embedding = torch.cat([waves.T[:, :, None].expand(-1, -1, size), waves.T[:, None, :].expand(-1, size, -1)])
-    unet.register_parameter("position_experiment", torch.nn.Parameter(embedding[None].clone()))
-    unet.conv_in.register_forward_hook(lambda module, args, output: output + unet.position_experiment)
 
 
 def _place_templates(vae, scale: float, per_place: int = 16):

@@ -17,6 +17,7 @@ __all__ = ["LAYER_KINDS", "LayerRule", "ModelPlan", "UnsupportedModelError", "pl
 #: denoiser class name -> family description
 SUPPORTED_FAMILIES = {
     "UNet2DConditionModel": "Stable Diffusion 1.x/2.x and SDXL UNets",
+    "PositionalUNet2DConditionModel": "the same UNets with a learnt position embedding after conv_in (the demo model)",
     "DiTTransformer2DModel": "DiT, class-conditional diffusion transformers",
     "PixArtTransformer2DModel": "PixArt-alpha and PixArt-sigma transformers",
 }
@@ -24,6 +25,7 @@ SUPPORTED_FAMILIES = {
 #: denoiser class name -> "module:function" (in this package) building its ModelPlan
 _PLAN_BUILDERS = {
     "UNet2DConditionModel": "unet:unet_plan",
+    "PositionalUNet2DConditionModel": "unet:unet_plan",
     "DiTTransformer2DModel": "dit:dit_plan",
     "PixArtTransformer2DModel": "dit:pixart_plan",
 }

@@ -4,12 +4,12 @@ Components (untrained here; :mod:`.train_demo` trains them and saves the pipelin
 
 * VAE: ``AutoencoderKL``, four blocks of 16/32/64/64 channels, 4 norm groups, factor 8, 4 latent channels
   (a 256 x 256 image has a 32 x 32 latent);
-* UNet: ``UNet2DConditionModel``, 32/64/64/128 channels, one layer per block, group norm (16
-  groups), self- and cross-attention at the 16 x 16, 8 x 8 and 4 x 4 resolutions (three
-  down-samplings: strips align to 8 latent rows, so 32 rows still split over 4 workers). The
-  4 x 4 level is there for the place words: attention has no position encoding and a convolution
-  learns position only from the zero padding at the border, which at 4 x 4 every cell is near;
-  with three levels the model ignored the place words entirely (``benchmarks/place_probe.py``);
+* UNet: :class:`~.positional_unet.PositionalUNet2DConditionModel` (``UNet2DConditionModel`` plus
+  a learnt position embedding of 32 x 32 positions added to ``conv_in``'s output), 32/64/64/128
+  channels, one layer per block, group norm (16 groups), self- and cross-attention at the
+  16 x 16, 8 x 8 and 4 x 4 resolutions (three down-samplings: strips align to 8 latent rows, so
+  32 rows still split over 4 workers). Without the embedding the UNet never tied the place words
+  to positions, with three levels or four (docs/MODELS.md);
 * text encoder: a 2-layer, 64-wide ``CLIPTextModel``;
 * tokenizer: a ``CLIPTokenizer`` whose BPE merges spell every caption word as one token
   (:func:`write_word_tokenizer`); other text falls back to single characters;
@@ -94,11 +94,18 @@ def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[
     return pieces
 
 
-def demo_components(tokenizer, seed: int = 0) -> dict:
-    """Untrained ``vae``, ``unet``, ``text_encoder`` and ``scheduler``, each seeded from ``seed``."""
+def demo_components(tokenizer, seed: int = 0, position_embedding: bool = True) -> dict:
+    """Untrained ``vae``, ``unet``, ``text_encoder`` and ``scheduler``, each seeded from ``seed``.
+
+    ``position_embedding=False`` gives the UNet without its learnt position embedding (a plain
+    ``UNet2DConditionModel``, which learns position only from zero padding: the experiment in
+    ``benchmarks/place_learning.py``).
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from .positional_unet import PositionalUNet2DConditionModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -116,7 +123,8 @@ def demo_components(tokenizer, seed: int = 0) -> dict:
         sample_size=IMAGE_SIZE,
     )
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
+    unet_class = PositionalUNet2DConditionModel if position_embedding else UNet2DConditionModel
+    unet = unet_class(
         sample_size=IMAGE_SIZE // 8,
         in_channels=4,
         out_channels=4,

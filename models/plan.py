@@ -11,6 +11,8 @@ Kinds:
     ``self_attention`` a self-attention layer (an ``Attention`` module; gets a processor)
     ``patch_embed``    a DiT patch embedding (first layer: strip of the latent every rank holds,
                        plus the strip's rows of the full image's positional embedding)
+    ``position_embedding`` a learnt table added to a UNet's ``conv_in`` output (the strip's rows
+                       of the table for the full latent; no messages)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 __all__ = ["LAYER_KINDS", "LayerRule", "ModelPlan", "UnsupportedModelError"]
 
-LAYER_KINDS = ("first_conv", "halo_conv", "group_norm", "self_attention", "patch_embed")
+LAYER_KINDS = ("first_conv", "halo_conv", "group_norm", "self_attention", "patch_embed", "position_embedding")
 
 
 class UnsupportedModelError(ValueError):

@@ -6,7 +6,8 @@ same on every machine (for a given torch version): a UNet with group norm, two d
 and self-attention at two resolutions; a 2-layer CLIP text encoder with a character-level
 tokenizer made here; a small VAE (factor 2: a 64 x 64 image has a 32 x 32 latent); DDIM.
 
-Other families (``tiny-sd2``, ``tiny-sdxl``, ``tiny-dit``, ``tiny-pixart``) are built in
+``tiny-sd-pos`` is the same with a learnt position embedding after ``conv_in`` (the ``demo``
+model's UNet class). Other families (``tiny-sd2``, ``tiny-sdxl``, ``tiny-dit``, ``tiny-pixart``) are built in
 :mod:`.tiny_unets` and :mod:`.tiny_transformers` the same way.
 
 Built models are cached under ``$PCPP_MODEL_CACHE`` (default ``~/.cache/pcpp-runtime/models``),
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .tiny_transformers import build_tiny_dit, build_tiny_pixart
-from .tiny_unets import build_tiny_sd, build_tiny_sd2, build_tiny_sdxl
+from .tiny_unets import build_tiny_sd, build_tiny_sd2, build_tiny_sd_pos, build_tiny_sdxl
 
 __all__ = ["BUILTIN_MODELS", "TRAINED_MODELS", "build_tiny_sd", "builtin_model_path", "builtin_names", "model_cache_dir"]
 
@@ -74,6 +75,7 @@ def _write_char_tokenizer(folder: Path) -> None:
 #: tiny_unets.py and tiny_transformers.py; docs/MODELS.md lists what each one is)
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-sd": build_tiny_sd,
+    "tiny-sd-pos": build_tiny_sd_pos,
     "tiny-sd2": build_tiny_sd2,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-dit": build_tiny_dit,

@@ -104,19 +104,22 @@ def save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, vae
     pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
-def build_tiny_sd(folder: Path) -> None:
+def build_tiny_sd(folder: Path, position_embedding: bool = False) -> None:
     """Write the ``tiny-sd`` pipeline into ``folder``: SD 1.x-shaped (conv projections, heads of
-    4 and 8 channels), a 32-wide CLIP text encoder, DDIM."""
+    4 and 8 channels), a 32-wide CLIP text encoder, DDIM. With ``position_embedding`` the UNet
+    is a :class:`~.positional_unet.PositionalUNet2DConditionModel` (``tiny-sd-pos``, the demo
+    model's architecture in small)."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .positional_unet import PositionalUNet2DConditionModel
     from .tiny import _write_char_tokenizer
 
     _write_char_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    unet = (PositionalUNet2DConditionModel if position_embedding else UNet2DConditionModel)(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -131,6 +134,11 @@ def build_tiny_sd(folder: Path) -> None:
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
     save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
+
+
+def build_tiny_sd_pos(folder: Path) -> None:
+    """``tiny-sd`` with a learnt position embedding after ``conv_in`` (still its sine start)."""
+    build_tiny_sd(folder, position_embedding=True)
 
 
 def build_tiny_sd2(folder: Path) -> None:

@@ -1,6 +1,8 @@
 """The plan for diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL).
 
-* ``conv_in`` -> ``first_conv``; every other ``Conv2d`` with a kernel taller than one row ->
+* ``conv_in`` -> ``first_conv`` (``conv_in.0`` in a :class:`.positional_unet.
+  PositionalUNet2DConditionModel`, whose ``conv_in.1``, the learnt position embedding, ->
+  ``position_embedding``); every other ``Conv2d`` with a kernel taller than one row ->
   ``halo_conv`` (resnet convolutions, down-samplers, up-samplers, ``conv_out``);
 * every ``GroupNorm`` -> ``group_norm`` (resnets, transformer blocks' input norm, spatial
   attention blocks, ``conv_norm_out``);
@@ -24,6 +26,8 @@ def unet_plan(unet: nn.Module) -> ModelPlan:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 
+    from .positional_unet import LearntPositionEmbedding
+
     config = unet.config
     if getattr(config, "center_input_sample", False):
         raise UnsupportedModelError("UNets with center_input_sample=True are not supported (conv_in's input is not the latent)")
@@ -34,8 +38,12 @@ def unet_plan(unet: nn.Module) -> ModelPlan:
         if isinstance(module, Downsample2D):
             if module.use_conv and module.padding == 0:
                 raise UnsupportedModelError(f"{path}: asymmetric-padding down-samplers (padding=0) are not supported yet")
-        if isinstance(module, nn.Conv2d):
-            if path == "conv_in":
+        if isinstance(module, LearntPositionEmbedding):
+            if path != "conv_in.1":
+                raise UnsupportedModelError(f"{path}: a position embedding is supported only right after conv_in (conv_in.1)")
+            rules.append(LayerRule(path, "position_embedding"))
+        elif isinstance(module, nn.Conv2d):
+            if path in ("conv_in", "conv_in.0"):  # conv_in.0: conv_in is (conv, position embedding)
                 rules.append(LayerRule(path, "first_conv"))
             elif module.kernel_size[0] > 1:
                 rules.append(LayerRule(path, "halo_conv"))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripPatchEmbed, StripSelfAttention
+from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripPatchEmbed, StripPositionEmbedding, StripSelfAttention
 from .models.plan import ModelPlan, UnsupportedModelError
 from .runtime import RankRuntime
 
@@ -19,6 +19,7 @@ _MODULE_LAYERS = {
     "halo_conv": HaloConv2d,
     "group_norm": StripGroupNorm,
     "patch_embed": StripPatchEmbed,
+    "position_embedding": StripPositionEmbedding,
 }
 
 

@@ -1,5 +1,6 @@
-"""Model families beyond tiny-sd: SD 2.x, SDXL, DiT, PixArt -- each split over in-process ranks
-and compared with one worker, through the family's own diffusers pipeline.
+"""Model families beyond tiny-sd: SD 1.x with a learnt position embedding (the demo model's UNet
+class), SD 2.x, SDXL, DiT, PixArt -- each split over in-process ranks and compared with one
+worker, through the family's own diffusers pipeline.
 
 * ``sync`` on 2 and 3 ranks equals one worker (final latent, 8 steps, guidance on: batch 2);
 * ``full`` and ``partial(0.3)`` run end to end; their PSNR against one worker is printed;
@@ -20,7 +21,7 @@ import torch
 from engine_helpers import quiet_pipeline
 from pcpp_runtime import ParallelConfig, parallelize
 from pcpp_runtime.generate import JobSpec, call_pipeline, check_shape, class_label, denoiser_of, psnr
-from pcpp_runtime.models import UnsupportedModelError, plan_for
+from pcpp_runtime.models import LayerRule, UnsupportedModelError, plan_for
 from pcpp_runtime.partition import ShapeError
 from pcpp_runtime.threads import run_in_threads
 from pcpp_runtime.transports import LocalFabric
@@ -28,7 +29,7 @@ from pcpp_runtime.transports import LocalFabric
 SPEC = JobSpec(steps=8, guidance_scale=5.0, seed=3)
 #: family -> image size in pixels (the VAEs halve it: 32x32 latents for the UNets, 16x16 for
 #: the transformers, whose 2x2 patches make an 8x8 token grid)
-FAMILIES = {"tiny-sd2": (64, 64), "tiny-sdxl": (64, 64), "tiny-dit": (32, 32), "tiny-pixart": (32, 32)}
+FAMILIES = {"tiny-sd-pos": (64, 64), "tiny-sd2": (64, 64), "tiny-sdxl": (64, 64), "tiny-dit": (32, 32), "tiny-pixart": (32, 32)}
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -112,9 +113,11 @@ def test_world_size_one_is_bit_identical(paths, family):
 def test_plans_of_the_families(paths):
     """What each plan splits: UNets as before; transformers by patch embedding + attn1, aligned
     to the patch size, gathering both halves of a learned-sigma output."""
-    for family in ("tiny-sd2", "tiny-sdxl"):
+    for family in ("tiny-sd-pos", "tiny-sd2", "tiny-sdxl"):
         plan = plan_for(denoiser_of(quiet_pipeline(paths[family])))
         assert plan.family == "sd-unet" and plan.alignment == 4 and plan.strip_forward is None
+    positional = plan_for(denoiser_of(quiet_pipeline(paths["tiny-sd-pos"])))
+    assert positional.layers[:2] == (LayerRule("conv_in.0", "first_conv"), LayerRule("conv_in.1", "position_embedding"))
     sdxl = plan_for(denoiser_of(quiet_pipeline(paths["tiny-sdxl"])))
     assert "mid_block.attentions.0.transformer_blocks.1.attn1" in sdxl.paths("self_attention")
     for family, name in (("tiny-dit", "dit"), ("tiny-pixart", "pixart")):
@@ -123,6 +126,14 @@ def test_plans_of_the_families(paths):
         assert plan.paths("patch_embed") == ["pos_embed"]
         assert plan.paths("self_attention") == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
         assert {rule.kind for rule in plan.layers} == {"patch_embed", "self_attention"}
+
+
+def test_position_embedding_off_its_table_size_gives_each_strip_its_rows(paths):
+    """A 48 x 32 latent (the table is 32 x 32, so it is resized) on 3 ranks: ``sync`` still
+    equals one worker, so each strip got its rows of the full latent's resized table."""
+    load, shape = loader(paths["tiny-sd-pos"]), (96, 64)
+    latents = on_ranks(load, 3, ParallelConfig(policy="sync"), shape)
+    assert_all_equal_one_worker(latents, reference("tiny-sd-pos-96x64", load, shape))
 
 
 # ---------------------------------------------------------------------- DiT / PixArt specifics

@@ -5,5 +5,6 @@ from .base import DisplacedLayer, FlatBuffer
 from .group_norm import StripGroupNorm
 from .halo_conv import FirstConv2d, HaloConv2d, halo_rows
 from .patch_embed import StripPatchEmbed
+from .position_embedding import StripPositionEmbedding
 
-__all__ = ["DisplacedLayer", "FirstConv2d", "FlatBuffer", "HaloConv2d", "StripGroupNorm", "StripPatchEmbed", "StripSelfAttention", "halo_rows"]
+__all__ = ["DisplacedLayer", "FirstConv2d", "FlatBuffer", "HaloConv2d", "StripGroupNorm", "StripPatchEmbed", "StripPositionEmbedding", "StripSelfAttention", "halo_rows"]
