@@ -24,7 +24,8 @@ on the same scenes as a run that trains its VAE.
 
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 100 minutes on
-2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1). After the VAE
+2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1; ``--vae-init`` starts
+stage 1 from a saved VAE, to train one that missed the colour gate for longer). After the VAE
 stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
 there if not, rather than train a UNet on bad latents.
 """
@@ -55,6 +56,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae): skip the VAE stage and use it")
+    p.add_argument("--vae-init", type=Path, default=None,
+                   help="a VAE folder saved by an earlier run (WORK/vae) to start the VAE stage from instead of "
+                        "random weights: more steps for a VAE that missed the colour gate")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--unet-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=16)
@@ -92,6 +96,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in ("layout_share", "one_shape_share"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be a share between 0 and 1, got {getattr(args, name)}")
+    if args.vae is not None and args.vae_init is not None:
+        p.error("--vae skips the VAE stage and --vae-init starts it from a saved VAE: give one of them")
     if args.eval_every < 0:
         p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
@@ -418,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     check_rng, pool_rng = np.random.default_rng([args.seed, 1]), np.random.default_rng([args.seed, 2])
 
     if args.vae is None:
+        if args.vae_init is not None:
+            from diffusers import AutoencoderKL
+
+            parts["vae"] = AutoencoderKL.from_pretrained(str(args.vae_init)).to(args.device)
         _train_vae(parts["vae"], args, vae_rng, log)
         factor = _set_scaling_factor(parts["vae"], vae_rng, args.device)
         parts["vae"].save_pretrained(str(args.work / "vae"))  # kept whatever the gate says

@@ -207,6 +207,20 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     fidelity = [entry for entry in log3 if "fidelity" in entry]
     assert [entry["step"] for entry in fidelity] == [2] and 0.0 <= fidelity[0]["fidelity"] <= 1.0
 
+    # --vae-init continues the saved VAE: on the same first batch its first loss differs from a fresh VAE's
+    assert train(tiny + ["--vae-init", str(tmp_path / "w2" / "vae"), "--out", str(tmp_path / "m4"), "--work", str(tmp_path / "w4")]) == 1
+    first_vae_loss = {name: next(e["loss"] for e in _train_log(tmp_path / name) if e["stage"] == "vae" and "loss" in e)
+                      for name in ("w1", "w2", "w4")}
+    assert first_vae_loss["w1"] == first_vae_loss["w2"] != first_vae_loss["w4"], first_vae_loss
+
+
+def test_train_demo_refuses_vae_together_with_vae_init(capsys, tmp_path):
+    from pcpp_runtime.models.train_demo import main as train
+
+    with pytest.raises(SystemExit):
+        train(["--vae", str(tmp_path), "--vae-init", str(tmp_path)])
+    assert "give one of them" in capsys.readouterr().err
+
 
 def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_schedule():
     """--layout-share p: about p of the samples come from LAYOUT_FROM..999, the rest uniformly;
