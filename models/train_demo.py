@@ -25,7 +25,8 @@ on the same scenes as a run that trains its VAE.
 ``--work`` receives the log (``train.jsonl``), the loss curves (``loss.png``) and preview
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 100 minutes on
 2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1; ``--vae-init`` starts
-stage 1 from a saved VAE, to train one that missed the colour gate for longer). After the VAE
+stage 1 from a saved VAE, to train one that missed the colour gate for longer, usually with a
+lower ``--vae-lr``). After the VAE
 stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
 there if not, rather than train a UNet on bad latents.
 """
@@ -56,6 +57,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae): skip the VAE stage and use it")
+    p.add_argument("--vae-lr", type=float, default=1e-3,
+                   help="peak learning rate of the VAE stage (default %(default)s; lower to continue a VAE given "
+                        "with --vae-init)")
     p.add_argument("--vae-init", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae) to start the VAE stage from instead of "
                         "random weights: more steps for a VAE that missed the colour gate")
@@ -98,6 +102,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be a share between 0 and 1, got {getattr(args, name)}")
     if args.vae is not None and args.vae_init is not None:
         p.error("--vae skips the VAE stage and --vae-init starts it from a saved VAE: give one of them")
+    if not args.vae_lr > 0:
+        p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
     if args.eval_every < 0:
         p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
@@ -176,7 +182,7 @@ def _train_vae(vae, args, rng, log) -> None:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     vae.train()
     bar = tqdm(range(args.vae_steps), desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
     for step in bar:
@@ -185,7 +191,7 @@ def _train_vae(vae, args, rng, log) -> None:
         top, left = (int(v) * 8 for v in rng.integers(0, 17, size=2))  # 8-aligned 128 x 128 crop
         crops = images[:, :, top : top + 128, left : left + 128]
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, args.vae_steps, 1e-3)
+            group["lr"] = _lr_at(step, args.vae_steps, args.vae_lr)
         posterior = vae.encode(crops).latent_dist
         recon = vae.decode(posterior.sample()).sample
         l1 = (recon - crops).abs().mean()

@@ -214,12 +214,15 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     assert first_vae_loss["w1"] == first_vae_loss["w2"] != first_vae_loss["w4"], first_vae_loss
 
 
-def test_train_demo_refuses_vae_together_with_vae_init(capsys, tmp_path):
+def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(capsys, tmp_path):
     from pcpp_runtime.models.train_demo import main as train
 
     with pytest.raises(SystemExit):
         train(["--vae", str(tmp_path), "--vae-init", str(tmp_path)])
     assert "give one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(["--vae-lr", "0"])
+    assert "--vae-lr must be a positive learning rate, got 0.0" in capsys.readouterr().err
 
 
 def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_schedule():
