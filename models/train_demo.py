@@ -26,9 +26,10 @@ on the same scenes as a run that trains its VAE.
 samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About 100 minutes on
 2 cores with the defaults (``--vae`` reuses a saved VAE and skips stage 1; ``--vae-init`` starts
 stage 1 from a saved VAE, to train one that missed the colour gate for longer, usually with a
-lower ``--vae-lr``). After the VAE
-stage it checks that reconstructions keep the shapes' colours (``--min-vae-colours``) and stops
-there if not, rather than train a UNet on bad latents.
+lower ``--vae-lr``; ``--vae-only`` stops after stage 1). After the VAE stage it checks that
+reconstructions keep the shapes' colours (``--min-vae-colours``) and stops there if not, rather
+than train a UNet on bad latents. ``make train-demo`` runs the two-run recipe of docs/MODELS.md:
+``--vae-only`` for 1500 steps, then a run that continues that VAE.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-init", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae) to start the VAE stage from instead of "
                         "random weights: more steps for a VAE that missed the colour gate")
+    p.add_argument("--vae-only", action="store_true",
+                   help="stop after the VAE stage (saved to WORK/vae, its colour check printed) whatever the gate "
+                        "says, and exit 0: the first of two runs whose second continues it with --vae-init")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--unet-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=16)
@@ -102,6 +106,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be a share between 0 and 1, got {getattr(args, name)}")
     if args.vae is not None and args.vae_init is not None:
         p.error("--vae skips the VAE stage and --vae-init starts it from a saved VAE: give one of them")
+    if args.vae_only and args.vae is not None:
+        p.error("--vae-only trains a VAE and --vae skips that stage: give one of them")
     if not args.vae_lr > 0:
         p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
     if args.eval_every < 0:
@@ -445,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     colours = _vae_colour_check(parts["vae"], check_rng, args.device)
     log("vae", args.vae_steps, scaling_factor=factor, colours_kept=colours, minutes=(time.perf_counter() - started) / 60)
     print(f"VAE: reconstructions keep the shape's colour in {100 * colours:.0f} % of one-shape scenes", flush=True)
+    if args.vae_only:
+        log.plot(args.work / "loss.png")
+        return 0
     if colours < args.min_vae_colours:
         print(f"train_demo: stopping before the UNet stage: the VAE keeps colours in {100 * colours:.0f} % of scenes, "
               f"under --min-vae-colours {args.min_vae_colours:g}; a UNet trained on its latents cannot be faithful "

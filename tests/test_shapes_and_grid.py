@@ -207,8 +207,15 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     fidelity = [entry for entry in log3 if "fidelity" in entry]
     assert [entry["step"] for entry in fidelity] == [2] and 0.0 <= fidelity[0]["fidelity"] <= 1.0
 
-    # --vae-init continues the saved VAE: on the same first batch its first loss differs from a fresh VAE's
-    assert train(tiny + ["--vae-init", str(tmp_path / "w2" / "vae"), "--out", str(tmp_path / "m4"), "--work", str(tmp_path / "w4")]) == 1
+    # --vae-init continues the saved VAE: on the same first batch its first loss differs from a fresh VAE's;
+    # --vae-only stops after that stage with success although the gate (0.8 by default) fails
+    vae_only = ["--vae-init", str(tmp_path / "w2" / "vae"), "--vae-only"]
+    assert train(tiny + vae_only + ["--out", str(tmp_path / "m4"), "--work", str(tmp_path / "w4")]) == 0
+    log4 = _train_log(tmp_path / "w4")
+    assert (tmp_path / "w4" / "vae" / "config.json").exists() and (tmp_path / "w4" / "loss.png").exists()
+    assert not (tmp_path / "m4" / "model_index.json").exists()
+    kept = [e["colours_kept"] for e in log4 if "colours_kept" in e]
+    assert len(kept) == 1 and kept[0] < 0.8 and not any(e["stage"] == "encode" for e in log4), kept
     first_vae_loss = {name: next(e["loss"] for e in _train_log(tmp_path / name) if e["stage"] == "vae" and "loss" in e)
                       for name in ("w1", "w2", "w4")}
     assert first_vae_loss["w1"] == first_vae_loss["w2"] != first_vae_loss["w4"], first_vae_loss
@@ -219,6 +226,9 @@ def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(caps
 
     with pytest.raises(SystemExit):
         train(["--vae", str(tmp_path), "--vae-init", str(tmp_path)])
+    assert "give one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(["--vae", str(tmp_path), "--vae-only"])
     assert "give one of them" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train(["--vae-lr", "0"])
