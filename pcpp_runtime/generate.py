@@ -88,8 +88,15 @@ def resolve_model(model: str) -> str:
 
 
 def load_pipeline(model: str, scheduler: str | None = None, device: str | torch.device = "cpu", dtype=torch.float32):
-    """Load a diffusers pipeline through ``from_pretrained`` and set its scheduler."""
+    """Load a diffusers pipeline through ``from_pretrained`` and set its scheduler.
+
+    A folder whose ``model_index.json`` names this project's own UNet class (the ``demo`` model's
+    :class:`~pcpp_runtime.models.positional_unet.PositionalUNet2DConditionModel`) loads because its
+    module is imported here first: diffusers loads components only from modules already imported.
+    """
     import diffusers
+
+    from .models import positional_unet  # noqa: F401 -- makes the class loadable by name
 
     kwargs = {} if dtype == torch.float32 else {"torch_dtype": dtype}
     pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_model(model), **kwargs)

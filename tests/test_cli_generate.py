@@ -47,6 +47,19 @@ def test_generate_writes_image_and_report(tmp_path, tiny_sd_path):
     assert "vs one worker" in result.stdout
 
 
+def test_a_folder_with_the_positional_unet_loads_in_a_fresh_process(tmp_path):
+    """``pcpp generate --model FOLDER`` on a pipeline whose model_index.json names
+    PositionalUNet2DConditionModel (the demo model's UNet): the process has not imported that
+    class's module before loading, which diffusers needs (a ValueError naming the module if not)."""
+    from pcpp_runtime.models.tiny import builtin_model_path
+
+    folder = builtin_model_path("tiny-sd-pos")  # built here, loaded by its path there
+    assert "positional_unet" in (folder / "model_index.json").read_text()
+    result = run(["generate", "--model", str(folder), "--steps", "2", "--output", str(tmp_path / "pos.png")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "pos.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--policy", "fastest"], "unknown policy 'fastest'"),
     (["--portion", "0"], "portion must be a number in (0, 1], got 0.0"),
