@@ -108,6 +108,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error("--vae skips the VAE stage and --vae-init starts it from a saved VAE: give one of them")
     if args.vae_only and args.vae is not None:
         p.error("--vae-only trains a VAE and --vae skips that stage: give one of them")
+    for name in ("vae", "vae_init"):
+        folder = getattr(args, name)
+        if folder is not None and not (folder / "config.json").is_file():
+            p.error(f"--{name.replace('_', '-')} {folder}: no config.json there; give a VAE folder saved by an "
+                    f"earlier run (WORK/vae)")
     if not args.vae_lr > 0:
         p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
     if args.eval_every < 0:

@@ -231,6 +231,9 @@ def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(caps
         train(["--vae", str(tmp_path), "--vae-only"])
     assert "give one of them" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        train(["--vae-init", str(tmp_path / "missing")])
+    assert "--vae-init " + str(tmp_path / "missing") + ": no config.json there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         train(["--vae-lr", "0"])
     assert "--vae-lr must be a positive learning rate, got 0.0" in capsys.readouterr().err
 
