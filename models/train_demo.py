@@ -15,7 +15,9 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
    share of the timesteps from the top 10 % of the schedule, where only the caption can place a
    shape), with 10 % of captions dropped to ``""`` so classifier-free guidance works; the
    weights saved are an exponential moving average, whose prompt fidelity (:mod:`.fidelity`,
-   seed 0) is logged, and which is saved to ``WORK/checkpoint``, every ``--eval-every`` steps.
+   seed 0) is logged, and which is saved to ``WORK/checkpoints/step-N``, every ``--eval-every``
+   steps. ``--unet-init`` starts this stage from the UNet and text encoder of a saved pipeline
+   (a finished model or such a checkpoint) instead of random weights.
    The saved scheduler is DDIM on the same betas with 'trailing' timesteps, so sampling starts
    from pure noise as training ended.
 
@@ -29,7 +31,8 @@ stage 1 from a saved VAE, to train one that missed the colour gate for longer, u
 lower ``--vae-lr``; ``--vae-only`` stops after stage 1). After the VAE stage it checks that
 reconstructions keep the shapes' colours (``--min-vae-colours``) and stops there if not, rather
 than train a UNet on bad latents. ``make train-demo`` runs the two-run recipe of docs/MODELS.md:
-``--vae-only`` for 1500 steps, then a run that continues that VAE.
+``--vae-only`` for 1500 steps, then a run that continues that VAE and trains the UNet, then a
+run that continues that UNet with ``--unet-init``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-only", action="store_true",
                    help="stop after the VAE stage (saved to WORK/vae, its colour check printed) whatever the gate "
                         "says, and exit 0: the first of two runs whose second continues it with --vae-init")
+    p.add_argument("--unet-init", type=Path, default=None,
+                   help="a pipeline folder saved by an earlier run (--out, or WORK/checkpoints/step-N) whose UNet "
+                        "and text encoder start the UNet stage instead of random weights (learning-rate warm-up "
+                        "and decay start over)")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--unet-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=16)
@@ -94,7 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "place words after 1000 steps, docs/MODELS.md)")
     p.add_argument("--eval-every", type=int, default=1000,
                    help="measure prompt fidelity (10 prompts, seed 0) of the averaged weights every this many "
-                        "UNet steps, log it and save those weights to WORK/checkpoint; 0: never (default %(default)s)")
+                        "UNet steps, log it and save those weights to WORK/checkpoints/step-N; 0: never (default %(default)s)")
     p.add_argument("--min-vae-colours", type=float, default=0.8,
                    help="stop after the VAE stage unless its reconstructions keep this share of shape colours")
     args = p.parse_args(argv)
@@ -113,6 +120,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if folder is not None and not (folder / "config.json").is_file():
             p.error(f"--{name.replace('_', '-')} {folder}: no config.json there; give a VAE folder saved by an "
                     f"earlier run (WORK/vae)")
+    if args.unet_init is not None:
+        missing = [part for part in ("unet", "text_encoder") if not (args.unet_init / part / "config.json").is_file()]
+        if missing:
+            p.error(f"--unet-init {args.unet_init}: no {' or '.join(f'{m}/config.json' for m in missing)} there; give a "
+                    f"pipeline folder saved by an earlier run (--out, or WORK/checkpoints/step-N)")
+        if args.vae_only:
+            p.error("--vae-only stops before the UNet stage that --unet-init starts: give one of them")
     if not args.vae_lr > 0:
         p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
     if args.eval_every < 0:
@@ -333,7 +347,7 @@ def _noise_schedule(zero_terminal_snr: bool):
 def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generator, log, evaluate=None):
     """Train ``unet`` and ``text_encoder`` together on ``args.prediction`` (noise or v) with
     ``_loss_weights``; returns their EMAs. Every ``args.eval_every`` steps ``evaluate(ema_unet,
-    ema_text)`` (a share of passed fidelity cases) is logged, when given."""
+    ema_text, steps_done)`` (a share of passed fidelity cases) is logged, when given."""
     import torch
     from tqdm.auto import tqdm
 
@@ -374,7 +388,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
         log("unet", step, loss=loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if evaluate is not None and (step + 1) % args.eval_every == 0:
-            share = evaluate(ema_unet, ema_text)
+            share = evaluate(ema_unet, ema_text, step + 1)
             log("unet", step + 1, fidelity=share)
             bar.write(f"unet step {step + 1}: prompt fidelity of the averaged weights {100 * share:.0f} % (seed 0)")
     return ema_unet.to(memory_format=torch.contiguous_format), ema_text
@@ -433,6 +447,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = CLIPTokenizer.from_pretrained(str(args.work / "tokenizer"))
     parts = demo_components(tokenizer, seed=args.seed)
+    if args.unet_init is not None:
+        from transformers import CLIPTextModel
+
+        from .positional_unet import PositionalUNet2DConditionModel
+
+        parts["unet"] = PositionalUNet2DConditionModel.from_pretrained(str(args.unet_init / "unet"))
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(str(args.unet_init / "text_encoder"))
     for name in ("vae", "unet", "text_encoder"):
         parts[name].to(args.device)
     # one random stream per stage, so the pool of scenes is the same whether the VAE stage runs
@@ -474,10 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     evaluate = None
     if args.eval_every:
-        def evaluate(ema_unet, ema_text):
+        def evaluate(ema_unet, ema_text, step):
             share = _fidelity_now(ema_unet, ema_text, tokenizer, parts["vae"], parts["scheduler"])
             # the averaged weights so far, loadable like the finished pipeline (a run cut short keeps them)
-            save_sd_pipeline(args.work / "checkpoint", copy.deepcopy(ema_unet).to(memory_format=torch.contiguous_format),
+            save_sd_pipeline(args.work / "checkpoints" / f"step-{step}", copy.deepcopy(ema_unet).to(memory_format=torch.contiguous_format),
                              ema_text, tokenizer, parts["scheduler"], vae=parts["vae"])
             return share
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args,

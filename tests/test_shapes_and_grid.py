@@ -206,6 +206,15 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     assert first["w2"] == first["w3"], first
     fidelity = [entry for entry in log3 if "fidelity" in entry]
     assert [entry["step"] for entry in fidelity] == [2] and 0.0 <= fidelity[0]["fidelity"] <= 1.0
+    assert (tmp_path / "w3" / "checkpoints" / "step-2" / "model_index.json").exists()
+
+    # --unet-init starts the UNet stage from that checkpoint: same pool, batch and noise as w3, so
+    # only the starting weights can make its first UNet loss differ from w3's (random weights)
+    from_checkpoint = ["--unet-init", str(tmp_path / "w3" / "checkpoints" / "step-2")]
+    assert train(tiny + reuse + from_checkpoint + ["--out", str(tmp_path / "m5"), "--work", str(tmp_path / "w5")]) == 0
+    first_unet_loss = {name: next(e["loss"] for e in _train_log(tmp_path / name) if e["stage"] == "unet" and "loss" in e)
+                       for name in ("w3", "w5")}
+    assert first_unet_loss["w3"] != first_unet_loss["w5"], first_unet_loss
 
     # --vae-init continues the saved VAE: on the same first batch its first loss differs from a fresh VAE's;
     # --vae-only stops after that stage with success although the gate (0.8 by default) fails
@@ -233,6 +242,9 @@ def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(caps
     with pytest.raises(SystemExit):
         train(["--vae-init", str(tmp_path / "missing")])
     assert "--vae-init " + str(tmp_path / "missing") + ": no config.json there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(["--unet-init", str(tmp_path)])
+    assert f"--unet-init {tmp_path}: no unet/config.json or text_encoder/config.json there" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train(["--vae-lr", "0"])
     assert "--vae-lr must be a positive learning rate, got 0.0" in capsys.readouterr().err
