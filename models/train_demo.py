@@ -431,6 +431,13 @@ def _preview(folder: Path, target: Path, seed: int, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if __package__ != "pcpp_runtime.models":
+        # run as `python -m models.train_demo` from the repository root, the UNet's class would be
+        # models.positional_unet, and model_index.json would name a module no install has
+        print(f"train_demo: run it as `python -m pcpp_runtime.models.train_demo` (here it was imported as "
+              f"{__name__!r}): the saved model_index.json names the UNet's module by the path it was imported "
+              f"from, and only pcpp_runtime.models.positional_unet loads", file=sys.stderr)
+        return 2
     args = _parse(argv)
     import numpy as np
     import torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +266,18 @@ def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_sche
     expected = 0.5 + 0.5 * (1000 - LAYOUT_FROM) / 1000
     assert abs((half >= LAYOUT_FROM).float().mean().item() - expected) < 0.01
     assert torch.equal(half, _timesteps(count, 0.5, torch.Generator().manual_seed(0)))  # reproducible
+
+
+def test_train_demo_refuses_to_run_under_another_import_path(capsys, monkeypatch):
+    """Imported as ``models.train_demo`` (the repository root on sys.path), the pipeline it saved
+    named ``models.positional_unet`` as the UNet's library, which no install can load: refused."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    stray = importlib.import_module("models.train_demo")
+    # arguments the parser refuses, so without the check this fails at once instead of training
+    assert stray.main(["--vae-lr", "0"]) == 2
+    assert "run it as `python -m pcpp_runtime.models.train_demo`" in capsys.readouterr().err
 
 
 def test_train_demo_refuses_a_layout_share_outside_0_to_1(capsys):
