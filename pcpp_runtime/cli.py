@@ -50,7 +50,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate one image with the denoiser split over N workers.",
     )
     g = p.add_argument_group("image")
-    g.add_argument("--model", default="tiny-sd", help="built-in name (tiny-sd, ...: see pcpp info), hub id or local diffusers folder (default tiny-sd)")
+    g.add_argument("--model", default="demo", help="built-in name (demo, the trained shapes model; tiny-sd, ...: see pcpp info), hub id or local diffusers folder (default demo)")
     g.add_argument("--prompt", default="a red circle at the top left and a blue square at the bottom")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the model's)")

@@ -56,7 +56,7 @@ class JobSpec:
     Such pipelines also ignore ``negative_prompt`` and generate only their native size.
     """
 
-    model: str = "tiny-sd"
+    model: str = "demo"
     prompt: str = "a red circle at the top left and a blue square at the bottom"
     negative_prompt: str | None = None
     height: int | None = None

@@ -68,7 +68,7 @@ def prepare(template: str, folder: Path, tasks_per_node: int) -> Path:
         # of 3 jobs here ("mpi/pmi2: value not properly terminated"), over ofi in none of 6
         text = edit(text, "# export MPIR_CVAR_CH4_NETMOD=ofi ", "export MPIR_CVAR_CH4_NETMOD=ofi   ")
     # 3. Run: the generation arguments
-    text = edit(text, 'PROMPT="${PROMPT:-a photograph of an astronaut riding a horse}"',
+    text = edit(text, 'PROMPT="${PROMPT:-a red circle at the top left and a blue square at the bottom}"',
                 f'PROMPT="${{PROMPT:-{PROMPT}}}"')
     text = edit(text, 'STEPS="${STEPS:-20}"', f'STEPS="${{STEPS:-{STEPS}}}"')
     text = edit(text, 'POLICY="${POLICY:-partial}"', 'POLICY="${POLICY:-sync}"')
@@ -76,7 +76,7 @@ def prepare(template: str, folder: Path, tasks_per_node: int) -> Path:
     text = edit(text, 'REPORT="${REPORT:-report-${SLURM_JOB_ID}.json}"', 'REPORT="${REPORT:-r.json}"')
     text = edit(text, '        --steps "$STEPS" \\\n',
                 f'        --steps "$STEPS" --height {HEIGHT} --width {WIDTH} --compare --timeout 60 \\\n')
-    assert 'MODEL="${MODEL:-tiny-sd}"' in text
+    text = edit(text, 'MODEL="${MODEL:-demo}"', 'MODEL="${MODEL:-tiny-sd}"')
     script = folder / template
     script.write_text(text)
     return script

@@ -44,8 +44,8 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 export MASTER_ADDR MASTER_PORT
 
 # ---- Run (edit) ---------------------------------------------------------------------------
-MODEL="${MODEL:-tiny-sd}"
-PROMPT="${PROMPT:-a photograph of an astronaut riding a horse}"
+MODEL="${MODEL:-demo}"
+PROMPT="${PROMPT:-a red circle at the top left and a blue square at the bottom}"
 STEPS="${STEPS:-20}"
 POLICY="${POLICY:-partial}"      # sync | full | partial | none
 PORTION="${PORTION:-0.3}"        # used by --policy partial

@@ -29,8 +29,8 @@ PCPP="${PCPP:-pcpp}"                       # the pcpp command (a full path is sa
 TORCHRUN="${TORCHRUN:-torchrun}"
 
 # ---- Run (edit) ---------------------------------------------------------------------------
-MODEL="${MODEL:-tiny-sd}"
-PROMPT="${PROMPT:-a photograph of an astronaut riding a horse}"
+MODEL="${MODEL:-demo}"
+PROMPT="${PROMPT:-a red circle at the top left and a blue square at the bottom}"
 STEPS="${STEPS:-20}"
 POLICY="${POLICY:-partial}"      # sync | full | partial | none
 PORTION="${PORTION:-0.3}"        # used by --policy partial
