@@ -15,7 +15,7 @@ Components (untrained here; :mod:`.train_demo` trains them and saves the pipelin
   (:func:`write_word_tokenizer`); other text falls back to single characters;
 * scheduler: DDIM with Stable Diffusion's scaled-linear betas.
 
-The trained weights live in ``models/demo/`` (about 20 MB of safetensors) and are loaded with
+The trained weights live in ``models/demo/`` (23 MB of safetensors) and are loaded with
 ``StableDiffusionPipeline.from_pretrained`` like any checkpoint.
 """
 

@@ -30,9 +30,9 @@ samples; ``--out`` the finished ``StableDiffusionPipeline`` (safetensors). About
 stage 1 from a saved VAE, to train one that missed the colour gate for longer, usually with a
 lower ``--vae-lr``; ``--vae-only`` stops after stage 1). After the VAE stage it checks that
 reconstructions keep the shapes' colours (``--min-vae-colours``) and stops there if not, rather
-than train a UNet on bad latents. ``make train-demo`` runs the two-run recipe of docs/MODELS.md:
-``--vae-only`` for 1500 steps, then a run that continues that VAE and trains the UNet, then a
-run that continues that UNet with ``--unet-init``.
+than train a UNet on bad latents. ``make train-demo`` runs the four-run recipe of the committed
+weights (docs/MODELS.md): ``--vae-only`` for 1500 steps; a run that continues that VAE and
+trains the UNet; two runs that continue the UNet with ``--unet-init``.
 """
 
 from __future__ import annotations
