@@ -67,6 +67,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-init", type=Path, default=None,
                    help="a VAE folder saved by an earlier run (WORK/vae) to start the VAE stage from instead of "
                         "random weights: more steps for a VAE that missed the colour gate")
+    p.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="arithmetic of the VAE stage's forward passes: bf16 runs them under bfloat16 autocast "
+                        "(weights, optimiser and losses stay float32), 1.5x faster on CPUs with AVX-512 BF16 "
+                        "(default %(default)s)")
     p.add_argument("--vae-only", action="store_true",
                    help="stop after the VAE stage (saved to WORK/vae, its colour check printed) whatever the gate "
                         "says, and exit 0: the first of two runs whose second continues it with --vae-init")
@@ -207,7 +211,11 @@ def _train_vae(vae, args, rng, log) -> None:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    # bf16: convolutions and attention in bfloat16, everything they feed (losses, the optimiser) in float32
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.vae_precision == "bf16")
     vae.train()
     bar = tqdm(range(args.vae_steps), desc="vae", unit="step", file=sys.stderr, mininterval=2.0)
     for step in bar:
@@ -217,8 +225,11 @@ def _train_vae(vae, args, rng, log) -> None:
         crops = images[:, :, top : top + 128, left : left + 128]
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, args.vae_steps, args.vae_lr)
-        posterior = vae.encode(crops).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        with autocast:
+            moments = vae.encode(crops).latent_dist.parameters
+        posterior = DiagonalGaussianDistribution(moments.float())  # KL and the sample in float32
+        with autocast:
+            recon = vae.decode(posterior.sample()).sample.float()
         l1 = (recon - crops).abs().mean()
         # the mean colour of each 8 x 8 block: L1 alone lets flat areas drift in hue, which the
         # colour gate (and the fidelity check) then count as the wrong colour
