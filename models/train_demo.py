@@ -80,6 +80,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "and decay start over)")
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--unet-steps", type=int, default=4500)
+    p.add_argument("--unet-stop-after", type=int, default=None,
+                   help="train only the first this many steps of the --unet-steps schedule (its warm-up and decay "
+                        "as for all of them) and save the weights averaged so far: what a longer run's "
+                        "WORK/checkpoints/step-N holds, without the rest of that run")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved UNet/text weights")
@@ -131,8 +135,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     f"pipeline folder saved by an earlier run (--out, or WORK/checkpoints/step-N)")
         if args.vae_only:
             p.error("--vae-only stops before the UNet stage that --unet-init starts: give one of them")
+    if args.vae_only and args.unet_stop_after is not None:
+        p.error("--vae-only stops before the UNet stage that --unet-stop-after cuts short: give one of them")
     if not args.vae_lr > 0:
         p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
+    if args.unet_stop_after is not None and not 1 <= args.unet_stop_after <= args.unet_steps:
+        p.error(f"--unet-stop-after must be a step count from 1 to --unet-steps ({args.unet_steps}), got {args.unet_stop_after}")
     if args.eval_every < 0:
         p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
@@ -373,7 +381,8 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     snr = alphas / (1 - alphas)  # signal-to-noise ratio of each training timestep
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(args.unet_steps), desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
+    steps = args.unet_steps if args.unet_stop_after is None else args.unet_stop_after
+    bar = tqdm(range(steps), desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
     for step in bar:
         index = torch.randint(0, latents.shape[0], (args.batch,), generator=generator)
         batch_ids = ids[index].clone()
@@ -521,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             return share
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args,
                                      generator, log, evaluate)
-    log("unet", args.unet_steps, minutes=(time.perf_counter() - started) / 60)
+    log("unet", args.unet_stop_after or args.unet_steps, minutes=(time.perf_counter() - started) / 60)
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_sd_pipeline(args.out, unet.cpu(), text_encoder.cpu(), tokenizer, parts["scheduler"], vae=parts["vae"].cpu())

@@ -254,6 +254,37 @@ def test_train_demo_vae_stage_in_bf16_autocast_is_the_same_computation_and_keeps
     assert first["fp32"] != first["bf16"] and abs(first["bf16"] - first["fp32"]) < 0.05 * first["fp32"], first
 
 
+def test_train_demo_unet_stop_after_saves_what_the_longer_runs_checkpoint_holds(tmp_path, capsys):
+    """--unet-steps 3 --unet-stop-after 2 trains the first two steps of the three-step schedule and
+    saves those averaged weights: bit for bit the step-2 checkpoint of the whole three-step run
+    (same VAE, pool and noise), and not its finished weights."""
+    from safetensors.torch import load_file
+
+    from pcpp_runtime.models.train_demo import main as train
+
+    tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "3", "--batch", "2",
+            "--threads", "1", "--min-vae-colours", "0"]
+    assert train(tiny + ["--eval-every", "2", "--out", str(tmp_path / "whole"), "--work", str(tmp_path / "w1")]) == 0
+    cut = ["--vae", str(tmp_path / "w1" / "vae"), "--unet-stop-after", "2", "--eval-every", "0"]
+    assert train(tiny + cut + ["--out", str(tmp_path / "cut"), "--work", str(tmp_path / "w2")]) == 0
+    assert len([e for e in _train_log(tmp_path / "w2") if e["stage"] == "unet" and "loss" in e]) == 2
+
+    def weights(folder):
+        return {**load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")),
+                **{f"text.{k}": v for k, v in load_file(str(folder / "text_encoder" / "model.safetensors")).items()}}
+
+    cut_weights, checkpoint = weights(tmp_path / "cut"), weights(tmp_path / "w1" / "checkpoints" / "step-2")
+    assert cut_weights.keys() == checkpoint.keys()
+    assert all(torch.equal(cut_weights[k], checkpoint[k]) for k in checkpoint)
+    whole = weights(tmp_path / "whole")
+    assert not all(torch.equal(cut_weights[k], whole[k]) for k in whole)
+
+    for bad in ("0", "4"):
+        with pytest.raises(SystemExit):
+            train(["--unet-steps", "3", "--unet-stop-after", bad])
+        assert f"--unet-stop-after must be a step count from 1 to --unet-steps (3), got {bad}" in capsys.readouterr().err
+
+
 def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(capsys, tmp_path):
     from pcpp_runtime.models.train_demo import main as train
 
