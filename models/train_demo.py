@@ -6,7 +6,8 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
 (same device, torch version and thread count):
 
 1. the VAE, on 128 x 128 crops of freshly drawn 256 x 256 scenes (L1, L1 of 8 x 8 block
-   means for the colour of flat areas, a small KL term); its ``scaling_factor`` is then set so
+   means for the colour of flat areas, a small KL term; ``--vae-precision bf16`` runs its
+   forward passes under bfloat16 autocast, 1.8x faster on this CPU); its ``scaling_factor`` is then set so
    latents have unit standard deviation, and it is saved to ``WORK/vae``;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
    ``--one-shape-share`` gives that share of them a single shape;
@@ -17,7 +18,9 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
    weights saved are an exponential moving average, whose prompt fidelity (:mod:`.fidelity`,
    seed 0) is logged, and which is saved to ``WORK/checkpoints/step-N``, every ``--eval-every``
    steps. ``--unet-init`` starts this stage from the UNet and text encoder of a saved pipeline
-   (a finished model or such a checkpoint) instead of random weights.
+   (a finished model or such a checkpoint) instead of random weights; ``--unet-stop-after N``
+   trains only the first N steps of the ``--unet-steps`` schedule (what a longer run's step-N
+   checkpoint holds, without the rest of that run).
    The saved scheduler is DDIM on the same betas with 'trailing' timesteps, so sampling starts
    from pure noise as training ended.
 
