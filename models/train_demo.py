@@ -72,7 +72,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "random weights: more steps for a VAE that missed the colour gate")
     p.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
                    help="arithmetic of the VAE stage's forward passes: bf16 runs them under bfloat16 autocast "
-                        "(weights, optimiser and losses stay float32), 1.5x faster on CPUs with AVX-512 BF16 "
+                        "(weights, optimiser and losses stay float32), about 1.8x faster on this project's CPUs (AVX-512 BF16) "
                         "(default %(default)s)")
     p.add_argument("--vae-only", action="store_true",
                    help="stop after the VAE stage (saved to WORK/vae, its colour check printed) whatever the gate "
