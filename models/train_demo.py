@@ -144,6 +144,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--vae-lr must be a positive learning rate, got {args.vae_lr}")
     if args.unet_stop_after is not None and not 1 <= args.unet_stop_after <= args.unet_steps:
         p.error(f"--unet-stop-after must be a step count from 1 to --unet-steps ({args.unet_steps}), got {args.unet_stop_after}")
+    if args.unet_stop_after is None:
+        args.unet_stop_after = args.unet_steps  # the UNet steps this run trains: all of the schedule
     if args.eval_every < 0:
         p.error(f"--eval-every must be 0 (never) or a step count, got {args.eval_every}")
     for name in ("vae_steps", "scenes", "unet_steps", "batch", "vae_batch", "threads"):
@@ -384,8 +386,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
     snr = alphas / (1 - alphas)  # signal-to-noise ratio of each training timestep
     unet.train()
     text_encoder.train()
-    steps = args.unet_steps if args.unet_stop_after is None else args.unet_stop_after
-    bar = tqdm(range(steps), desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
+    bar = tqdm(range(args.unet_stop_after), desc="unet", unit="step", file=sys.stderr, mininterval=2.0)
     for step in bar:
         index = torch.randint(0, latents.shape[0], (args.batch,), generator=generator)
         batch_ids = ids[index].clone()
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             return share
     unet, text_encoder = _train_unet(parts["unet"], parts["text_encoder"], tokenizer, latents, captions, args,
                                      generator, log, evaluate)
-    log("unet", args.unet_stop_after or args.unet_steps, minutes=(time.perf_counter() - started) / 60)
+    log("unet", args.unet_stop_after, minutes=(time.perf_counter() - started) / 60)
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_sd_pipeline(args.out, unet.cpu(), text_encoder.cpu(), tokenizer, parts["scheduler"], vae=parts["vae"].cpu())
