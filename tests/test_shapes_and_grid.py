@@ -285,6 +285,39 @@ def test_train_demo_unet_stop_after_saves_what_the_longer_runs_checkpoint_holds(
         assert f"--unet-stop-after must be a step count from 1 to --unet-steps (3), got {bad}" in capsys.readouterr().err
 
 
+def test_train_demo_pool_cache_gives_the_encoded_pool_back_bit_for_bit(tmp_path):
+    """--pool-cache: the run that trains the VAE encodes its pool and saves it; a run on that VAE
+    (--vae) loads it instead of encoding, and trains bit for bit the same weights; another
+    --one-shape-share is another pool, encoded and saved beside the first."""
+    from safetensors.torch import load_file
+
+    from pcpp_runtime.models.latent_pool import load_pool, save_pool
+    from pcpp_runtime.models.train_demo import main as train
+
+    tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2", "--batch", "2",
+            "--threads", "1", "--min-vae-colours", "0", "--eval-every", "0", "--pool-cache", str(tmp_path / "pools")]
+    assert train(tiny + ["--out", str(tmp_path / "a"), "--work", str(tmp_path / "wa")]) == 0
+    reuse = ["--vae", str(tmp_path / "wa" / "vae")]
+    assert train(tiny + reuse + ["--out", str(tmp_path / "b"), "--work", str(tmp_path / "wb")]) == 0
+    cached = {name: next(e["cached"] for e in _train_log(tmp_path / name) if e["stage"] == "encode") for name in ("wa", "wb")}
+    assert cached == {"wa": False, "wb": True}, cached
+    assert len(list((tmp_path / "pools").glob("pool-*.safetensors"))) == 1
+
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / unet)), load_file(str(tmp_path / "b" / unet))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    other = ["--one-shape-share", "0.5", "--unet-steps", "1"]
+    assert train(tiny + reuse + other + ["--out", str(tmp_path / "c"), "--work", str(tmp_path / "wc")]) == 0
+    assert not next(e["cached"] for e in _train_log(tmp_path / "wc") if e["stage"] == "encode")
+    assert len(list((tmp_path / "pools").glob("pool-*.safetensors"))) == 2
+
+    save_pool(tmp_path / "bad", "k", torch.zeros(2, 4, 32, 32), ["one caption"])
+    with pytest.raises(ValueError, match="2 latents but 1 captions"):
+        load_pool(tmp_path / "bad", "k")
+    assert load_pool(tmp_path / "bad", "missing") is None
+
+
 def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(capsys, tmp_path):
     from pcpp_runtime.models.train_demo import main as train
 
