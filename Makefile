@@ -33,22 +33,24 @@ demo: $(STAMP)
 		--output $(OUT)/demo-grid.png --report $(OUT)/demo-grid.json
 
 # Train the built-in `demo` model from scratch into models/demo: the recipe of the committed
-# weights (docs/MODELS.md, sessions 8 and 9), four runs, about 3 hours on 2 cores. 1: the VAE,
-# 1500 steps. 2: that VAE continued for 900 steps at a lower learning rate, then the UNet and text
-# encoder for 3000. 3: that UNet continued for 4000 steps (its step-3000 checkpoint is kept).
-# 4: that checkpoint continued for 2500 steps at half the learning rate, with more layout
-# timesteps and single-shape scenes. The logs, loss curves and samples go to $(OUT)/train-demo.
+# weights (docs/MODELS.md, session 10), four runs, about 2 hours on 2 cores (24 + 34 + 29 + 30 min
+# as measured, run 3 loading the pool of encoded scenes that run 2 saved). 1: the VAE, 2000
+# steps under bfloat16 autocast. 2: the UNet and text encoder on that VAE for 3000 steps. 3: that
+# UNet continued for the first 3000 steps of a 4000-step schedule. 4: that continued for 2500
+# steps at half the learning rate, with more layout timesteps and single-shape scenes. The logs,
+# loss curves and samples go to $(OUT)/train-demo.
 TRAIN_DEMO = $(BIN)/python -m pcpp_runtime.models.train_demo
+TRAIN_DEMO_VAE = --vae $(OUT)/train-demo/1/vae
 train-demo: $(STAMP)
-	$(TRAIN_DEMO) --work $(OUT)/train-demo/1-vae --vae-steps 1500 --vae-only
-	$(TRAIN_DEMO) --out $(OUT)/train-demo/2/model --work $(OUT)/train-demo/2 \
-		--vae-init $(OUT)/train-demo/1-vae/vae --vae-lr 3e-4 --vae-steps 900 \
+	$(TRAIN_DEMO) --work $(OUT)/train-demo/1 --vae-only --vae-steps 2000 --vae-precision bf16
+	$(TRAIN_DEMO) --out $(OUT)/train-demo/2/model --work $(OUT)/train-demo/2 $(TRAIN_DEMO_VAE) \
+		--pool-cache $(OUT)/train-demo/pools \
 		--unet-steps 3000 --layout-share 0.3 --one-shape-share 0.5 --eval-every 500
-	$(TRAIN_DEMO) --out $(OUT)/train-demo/3/model --work $(OUT)/train-demo/3 \
-		--vae $(OUT)/train-demo/2/vae --unet-init $(OUT)/train-demo/2/model \
-		--unet-steps 4000 --layout-share 0.3 --one-shape-share 0.5 --eval-every 500
-	$(TRAIN_DEMO) --out models/demo --work $(OUT)/train-demo/4 \
-		--vae $(OUT)/train-demo/2/vae --unet-init $(OUT)/train-demo/3/checkpoints/step-3000 \
+	$(TRAIN_DEMO) --out $(OUT)/train-demo/3/model --work $(OUT)/train-demo/3 $(TRAIN_DEMO_VAE) \
+		--pool-cache $(OUT)/train-demo/pools --unet-init $(OUT)/train-demo/2/model \
+		--unet-steps 4000 --unet-stop-after 3000 --layout-share 0.3 --one-shape-share 0.5 --eval-every 500
+	$(TRAIN_DEMO) --out models/demo --work $(OUT)/train-demo/4 $(TRAIN_DEMO_VAE) \
+		--unet-init $(OUT)/train-demo/3/model \
 		--unet-steps 2500 --lr 5e-4 --layout-share 0.5 --one-shape-share 0.7 --eval-every 500
 
 test: $(STAMP)

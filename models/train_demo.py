@@ -10,7 +10,8 @@ Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible 
    forward passes under bfloat16 autocast, 1.8x faster on this CPU); its ``scaling_factor`` is then set so
    latents have unit standard deviation, and it is saved to ``WORK/vae``;
 2. a pool of ``--scenes`` scenes is drawn and encoded once (latent means, ``(4, 32, 32)``);
-   ``--one-shape-share`` gives that share of them a single shape;
+   ``--one-shape-share`` gives that share of them a single shape; ``--pool-cache DIR`` keeps it
+   there, so a later run on the same VAE and settings loads it instead (:mod:`.latent_pool`);
 3. the UNet and the text encoder together, on v-prediction by default with the plain v loss
    (DDPM, 1000 scaled-linear steps rescaled to zero terminal SNR; ``--layout-share`` draws that
    share of the timesteps from the top 10 % of the schedule, where only the caption can place a
@@ -34,8 +35,9 @@ stage 1 from a saved VAE, to train one that missed the colour gate for longer, u
 lower ``--vae-lr``; ``--vae-only`` stops after stage 1). After the VAE stage it checks that
 reconstructions keep the shapes' colours (``--min-vae-colours``) and stops there if not, rather
 than train a UNet on bad latents. ``make train-demo`` runs the four-run recipe of the committed
-weights (docs/MODELS.md): ``--vae-only`` for 1500 steps; a run that continues that VAE and
-trains the UNet; two runs that continue the UNet with ``--unet-init``.
+weights (docs/MODELS.md, about 2 hours): ``--vae-only`` for 2000 bf16 steps; a run that trains the
+UNet on that VAE; two runs that continue the UNet with ``--unet-init``, the first of them loading
+the pool the run before it saved (``--pool-cache``).
 """
 
 from __future__ import annotations

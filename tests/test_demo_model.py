@@ -14,7 +14,7 @@ from pcpp_runtime.grid import load_quiet_pipelines, run_one_worker, run_policy
 from pcpp_runtime.models.demo_model import DEMO_DIR
 from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, measure
 
-# The weights are committed (made by `make train-demo`, about 3 hours); a checkout without them
+# The weights are committed (made by `make train-demo`, about 2 hours); a checkout without them
 # (models/demo deleted to retrain) skips these tests with that reason instead of failing.
 pytestmark = pytest.mark.skipif(
     not (DEMO_DIR / "model_index.json").exists(),
