@@ -9,7 +9,8 @@ A pool is stored as ``DIR/pool-<key>.safetensors``: one tensor ``latents`` ``(N,
 float32 (already multiplied by the VAE's ``scaling_factor``), and the captions as a JSON list in
 the file's metadata. ``<key>`` is a hash of everything the encoded values depend on: the VAE's
 weights and config, the seed, the scene count, the one-shape share, the device type, the thread
-count and the torch version. Nothing is unpickled.
+count, the torch version, and the source code that draws and encodes the scenes (so a change to
+the shapes data set encodes a new pool instead of loading an old one). Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pathlib import Path
 __all__ = ["pool_key", "load_pool", "save_pool"]
 
 
-def pool_key(vae, *, seed: int, scenes: int, one_shape_share: float, device: str, threads: int) -> str:
-    """A 16-hex-digit key for the pool ``vae`` would encode from these settings."""
+def pool_key(vae, *, seed: int, scenes: int, one_shape_share: float, device: str, threads: int, code: str) -> str:
+    """A 16-hex-digit key for the pool ``vae`` would encode from these settings; ``code`` is the
+    source of the functions that draw and encode the scenes."""
     import torch
 
     digest = hashlib.sha256()
     settings = dict(seed=seed, scenes=scenes, one_shape_share=one_shape_share, device=torch.device(device).type,
-                    threads=threads, torch=torch.__version__,
+                    threads=threads, torch=torch.__version__, code=code,
                     # not the bookkeeping entries (_name_or_path, _diffusers_version...), which differ between
                     # a VAE trained in this run and the same VAE loaded from where it was saved
                     vae_config={k: v for k, v in vae.config.items() if not k.startswith("_")})

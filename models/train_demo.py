@@ -308,10 +308,14 @@ def _pool(vae, args, rng):
     when an earlier run saved it there (``cached`` True), else encoded (and saved there if given)."""
     if args.pool_cache is None:
         return (*_encode_pool(vae, args, rng), False)
+    import inspect
+
+    from . import shapes
     from .latent_pool import load_pool, pool_key, save_pool
 
+    code = "".join(inspect.getsource(part) for part in (shapes, _scene_batch, _encode_pool))
     key = pool_key(vae, seed=args.seed, scenes=args.scenes, one_shape_share=args.one_shape_share,
-                   device=args.device, threads=args.threads)
+                   device=args.device, threads=args.threads, code=code)
     found = load_pool(args.pool_cache, key)
     if found is not None:
         print(f"pool: {len(found[1])} encoded scenes loaded from {args.pool_cache} (key {key})", flush=True)
