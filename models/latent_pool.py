@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 __all__ = ["pool_key", "load_pool", "save_pool"]
@@ -67,10 +66,9 @@ def save_pool(folder: Path, key: str, latents, captions: list[str]) -> Path:
     temporary name and renamed, so a run stopped half-way leaves no partial pool behind."""
     from safetensors.torch import save_file
 
+    from ..generate import write_atomically
+
     path = _path(folder, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file({"latents": latents.detach().cpu().contiguous()}, str(partial),
-              metadata={"captions": json.dumps(captions)})
-    os.replace(partial, path)
+    tensors = {"latents": latents.detach().cpu().contiguous()}
+    write_atomically(path, lambda staging: save_file(tensors, str(staging), metadata={"captions": json.dumps(captions)}))
     return path

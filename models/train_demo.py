@@ -86,7 +86,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenes", type=int, default=6000, help="scenes encoded for the UNet stage")
     p.add_argument("--pool-cache", type=Path, default=None,
                    help="a folder for encoded pools: a run loads the pool an earlier run with the same VAE, seed, "
-                        "--scenes, --one-shape-share, device and threads saved there (bit for bit what it would "
+                        "--scenes, --one-shape-share, device, threads, torch version and scene-drawing code saved there (bit for bit what it would "
                         "encode, about 5 minutes saved on 2 cores), and saves it there if there is none")
     p.add_argument("--unet-steps", type=int, default=4500)
     p.add_argument("--unet-stop-after", type=int, default=None,
