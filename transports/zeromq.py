@@ -19,19 +19,25 @@ Which rank does what in :meth:`ZmqTransport.connect`:
 3. Handshake: each rank sends a HELLO (protocol version, world size, ``config_hash``, job id) to
    every peer's ROUTER; the peer binds that connection to the sender's rank and answers ACK, or
    REJECT with the reason (the sender then raises :class:`~.base.TransportError`). So two
-   different jobs, or ranks with different configs, refuse to talk.
+   different jobs, or ranks with different configs, refuse to talk. ``connect`` returns once this
+   rank has an ACK from every peer and has answered every peer's HELLO.
 
-Data path: a background I/O thread owns every socket (zmq sockets are not thread-safe). ``isend``
-hands the thread ``[header, payload]`` over an inproc PAIR without copying the payload (zero-copy
-from 64 KiB up) and returns; the header is a msgpack map ``{v, k, src, dst, tag, dtype, nbytes}``.
-The I/O thread validates every inbound message strictly: size limits, a msgpack map with exactly
-the expected fields and types, the protocol version, ``src`` equal to the connection's rank,
-``dst`` equal to this rank, a known dtype, and a payload frame of exactly ``nbytes``. A message
-that fails (a pickle, malformed msgpack, a lie about its size...) is dropped, logged, recorded in
-:attr:`ZmqTransport.rejected` and quoted in any later timeout error for that peer; other messages
-keep flowing. A well-formed message whose dtype or size does not fit the receive buffer it matches
-fails that receive with a clear error. Nothing received is ever unpickled. A message that arrives
-before its ``irecv`` is held (by reference, no copy) in the I/O thread's queue until matched.
+Data path, and who does what: there is no Python I/O thread. The calling thread sends on its
+DEALERs directly (``[header, payload]``, the payload without copying from 64 KiB up); libzmq's own
+I/O thread, which runs without Python's GIL, moves bytes between the sockets and the kernel in
+both directions, so messages flow while the caller computes. Inbound messages wait in libzmq's
+queue until a thread *waits*: every ``wait``, ``is_completed`` and ``recv_object`` drains the
+ROUTER (MPI's progress rule: a transport makes progress inside its calls). So a compute thread
+that posts ~100 messages a step is never preempted by a Python thread that wants the GIL for each
+of them (docs/BENCHMARKS.md measured what that cost). The header is a msgpack map
+``{v, k, src, dst, tag, dtype, nbytes}``. Every inbound message is validated strictly: size
+limits, a msgpack map with exactly the expected fields and types, the protocol version, ``src``
+equal to the connection's rank, ``dst`` equal to this rank, a known dtype, and a payload frame of
+exactly ``nbytes``. A message that fails (a pickle, malformed msgpack, a lie about its size...) is
+dropped, logged, recorded in :attr:`ZmqTransport.rejected` and quoted in any later timeout error
+for that peer; other messages keep flowing. A well-formed message whose dtype or size does not fit
+the receive buffer it matches fails that receive with a clear error. Nothing received is ever
+unpickled. A message drained before its ``irecv`` is held (by reference, no copy) until matched.
 
 What ``wait`` means: host completion. A send is complete when ZeroMQ no longer needs the buffer
 (it has been handed to the kernel); a receive when the payload has been copied into the caller's
@@ -39,7 +45,7 @@ buffer. CUDA buffers are staged through host memory (a synchronous copy).
 
 Failures: a peer that closes its transport sends BYE, and a receive from it that can no longer be
 matched raises :class:`~.base.PeerFailed` at once. A peer whose connection drops without BYE (it
-crashed or was killed) is marked failed after ``peer_grace_s``; its pending and future operations
+crashed or was killed) is marked failed ``peer_grace_s`` after a wait first sees the drop; its pending and future operations
 raise :class:`~.base.PeerFailed`. A peer that is alive but silent makes waits raise
 :class:`~.base.TransportTimeout` after the timeout. There is no authentication: ``config_hash`` is
 a consistency check, not a secret.
@@ -99,6 +105,9 @@ class _SendWork(Work):
         deadline = time.monotonic() + limit
         op = f"send tag {self._tag}"
         while not self.is_completed():
+            # libzmq releases the buffer from its own I/O thread; draining inbound messages here
+            # lets a goodbye or a dropped connection from the peer end the wait early
+            t._progress(0.0)
             t._raise_if_broken(self._dst, op)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -123,6 +132,8 @@ class _RecvWork(Work):
         self._event.set()
 
     def is_completed(self) -> bool:
+        if not self._event.is_set():
+            self._t._progress(0.0)
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -137,7 +148,7 @@ class _RecvWork(Work):
                 raise TransportTimeout(
                     f"{t.describe(self.src, op)}: no message after {limit:.1f} s{t._rejection_note(self.src)}"
                 )
-            self._event.wait(min(remaining, 0.05))
+            t._progress(min(remaining, 0.05))
         if self.error is not None:
             raise self.error
 
@@ -155,6 +166,11 @@ class ZmqTransport(Transport):
         config_hash: a digest of the job's config; ranks with different values refuse to talk.
         device: where buffers live (CUDA buffers are staged through host memory).
         peer_grace_s: how long a dropped connection may wait for a BYE before the peer is failed.
+
+    Threads: any thread may call any method. Sends hold ``_send_lock`` (the DEALERs); draining
+    inbound messages holds ``_recv_lock`` (the ROUTER and the connection monitors); the matching
+    tables are guarded by ``_lock``. The transport starts no Python thread (libzmq runs its own I/O
+    thread, and pyzmq a thread that frees zero-copy frames).
     """
 
     name = "zmq"
@@ -193,7 +209,8 @@ class ZmqTransport(Transport):
         self.rejected: list[str] = []
         self.endpoint: str | None = None
         self._lock = threading.Lock()
-        self._objects_cv = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
         self._posted: dict[tuple[int, int], collections.deque[_RecvWork]] = collections.defaultdict(collections.deque)
         self._unexpected: dict[tuple[int, int], collections.deque[tuple[dict, Any, int]]] = collections.defaultdict(
             collections.deque
@@ -202,14 +219,15 @@ class ZmqTransport(Transport):
         self._gone: dict[int, str] = {}  # peer -> why it can no longer send (bye or failure)
         self._last_rejection: dict[int, str] = {}
         self._fatal: str | None = None
-        self._ready = threading.Event()
-        self._acked: set[int] = set()
+        self._acked: set[int] = set()  # peers that answered this rank's HELLO with ACK
+        self._ident_rank: dict[bytes, int] = {}  # inbound connection -> the peer its HELLO named
+        self._suspects: dict[int, float] = {}  # peer -> when its connection was seen dropped
         self._zmq: Any = None
         self._ctx: Any = None
-        self._cmd: Any = None
-        self._cmd_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._io_sockets: dict[str, Any] = {}
+        self._router: Any = None
+        self._dealers: dict[int, Any] = {}
+        self._monitors: dict[int, Any] = {}
+        self._poller: Any = None
         self._job = ""
         self._connected = False
         self._closed = False
@@ -232,19 +250,11 @@ class ZmqTransport(Transport):
         deadline = time.monotonic() + self.timeout_s
         self._ctx = zmq.Context()
         try:
-            router = self._bind_router()
-            self._io_sockets["router"] = router
+            self._router = self._bind_router()
             job, endpoints = rendezvous(self, self._ctx, deadline)
             self._job = job
-            self._start_io(endpoints)
-            if not self._ready.wait(max(0.0, deadline - time.monotonic())):
-                missing = sorted(set(range(self.world_size)) - self._acked - {self.rank})
-                raise TransportTimeout(
-                    f"{self.describe(op='connect')}: no handshake answer from ranks {missing} "
-                    f"after {self.timeout_s:.1f} s{self._rejection_note(None)}"
-                )
-            if self._fatal is not None:
-                raise TransportError(f"{self.describe(op='connect')}: {self._fatal}")
+            self._open_dealers(endpoints)
+            self._handshake(deadline)
         except BaseException:
             self.close()
             raise
@@ -276,16 +286,9 @@ class ZmqTransport(Transport):
         self.endpoint = f"tcp://{host}:{port}"
         return router
 
-    def _start_io(self, endpoints: list[str]) -> None:
+    def _open_dealers(self, endpoints: list[str]) -> None:
+        """One DEALER (and a monitor of its connection) to every peer's ROUTER."""
         zmq = self._zmq
-        address = f"inproc://pcpp-zmq-{id(self)}-{secrets.token_hex(4)}"
-        cmd_io = self._ctx.socket(zmq.PAIR)
-        cmd_io.bind(address)
-        self._cmd = self._ctx.socket(zmq.PAIR)
-        self._cmd.connect(address)
-        self._io_sockets["cmd"] = cmd_io
-        dealers: dict[int, Any] = {}
-        monitors: dict[int, Any] = {}
         for peer, endpoint in enumerate(endpoints):
             if peer == self.rank:
                 continue
@@ -294,100 +297,100 @@ class ZmqTransport(Transport):
             dealer.setsockopt(zmq.RCVHWM, 0)
             dealer.setsockopt(zmq.LINGER, 1000)
             dealer.setsockopt(zmq.ROUTING_ID, f"{self._job}:{self.rank}:{secrets.token_hex(4)}".encode())
-            monitors[peer] = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            self._monitors[peer] = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             dealer.connect(endpoint)
-            dealers[peer] = dealer
-        self._io_sockets["dealers"] = dealers
-        self._io_sockets["monitors"] = monitors
-        self._thread = threading.Thread(target=self._io_main, name=f"pcpp-zmq-io-rank{self.rank}", daemon=True)
-        self._thread.start()
+            self._dealers[peer] = dealer
+        self._poller = zmq.Poller()
+        for sock in (self._router, *self._monitors.values()):
+            self._poller.register(sock, zmq.POLLIN)
 
-    # ================================================================ I/O thread
-    def _io_main(self) -> None:
+    def _handshake(self, deadline: float) -> None:
+        """HELLO to every peer; return once every peer has ACKed it and this rank has answered
+        every peer's HELLO (so no peer is left waiting for an answer this rank would only give
+        inside a later wait)."""
         zmq = self._zmq
-        s = self._io_sockets
-        router, cmd, dealers, monitors = s["router"], s["cmd"], s["dealers"], s["monitors"]
-        ident_rank: dict[bytes, int] = {}
-        suspects: dict[int, float] = {}
-        poller = zmq.Poller()
-        for sock in (router, cmd, *dealers.values(), *monitors.values()):
-            poller.register(sock, zmq.POLLIN)
-        dealer_peer = {sock: peer for peer, sock in dealers.items()}
-        monitor_peer = {sock: peer for peer, sock in monitors.items()}
+        peers = self.world_size - 1
+        dealer_peer = {sock: peer for peer, sock in self._dealers.items()}
+        answers = zmq.Poller()
+        for sock in dealer_peer:
+            answers.register(sock, zmq.POLLIN)
+        with self._send_lock:
+            for peer, dealer in self._dealers.items():
+                dealer.send(
+                    pack(
+                        "hello",
+                        magic=MAGIC,
+                        src=self.rank,
+                        dst=peer,
+                        world_size=self.world_size,
+                        config_hash=self.config_hash,
+                        job=self._job,
+                    )
+                )
+            while True:
+                if self._fatal is not None:
+                    raise TransportError(f"{self.describe(op='connect')}: {self._fatal}")
+                answered = len(set(self._ident_rank.values()))
+                if len(self._acked) == peers and answered == peers:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(self.world_size)) - self._acked - {self.rank})
+                    silent = sorted(set(range(self.world_size)) - set(self._ident_rank.values()) - {self.rank})
+                    raise TransportTimeout(
+                        f"{self.describe(op='connect')}: no handshake answer from ranks {missing}, no HELLO "
+                        f"from ranks {silent} after {self.timeout_s:.1f} s{self._rejection_note(None)}"
+                    )
+                for sock, _ in answers.poll(min(remaining, 0.01) * 1000):
+                    self._drain_dealer(sock, dealer_peer[sock])
+                self._progress(min(remaining, 0.01))
+
+    # ================================================================ progress
+    def progress(self, timeout: float = 0.0) -> None:
+        """Take in what has arrived (matching receives, answering handshakes, noticing peers
+        that left), waiting up to ``timeout`` seconds for a first message. Waits do this on their
+        own; a rank that will not wait for a long while may call it to answer a peer sooner."""
+        self._require("progress")
+        self._progress(float(timeout))
+
+    def _progress(self, timeout: float) -> None:
+        """Drain inbound messages into their receives, waiting up to ``timeout`` seconds for the
+        first; watch the connections. Called inside every wait, on the waiting thread."""
+        if self._router is None or self._closed:
+            return
+        if not self._recv_lock.acquire(timeout=max(0.0, timeout)):
+            return  # another thread is draining; the caller checks its event again
+        try:
+            if self._closed:
+                return
+            ready = dict(self._poller.poll(max(0.0, timeout) * 1000))
+            if self._router in ready:
+                self._drain_router()
+            for peer, sock in self._monitors.items():
+                if sock in ready:
+                    self._read_monitor(peer, sock)
+            if self._suspects:
+                self._drain_router()  # a goodbye that raced the disconnect wins
+                now = time.monotonic()
+                for peer, since in list(self._suspects.items()):
+                    if peer in self._gone:
+                        del self._suspects[peer]
+                    elif now - since >= self.peer_grace_s:
+                        del self._suspects[peer]
+                        self._mark_gone(peer, "connection lost without a goodbye (the peer process died?)", True)
+        finally:
+            self._recv_lock.release()
+
+    def _read_monitor(self, peer: int, sock: Any) -> None:
         from zmq.utils.monitor import recv_monitor_message
 
-        for peer, dealer in dealers.items():
-            dealer.send(
-                pack(
-                    "hello",
-                    magic=MAGIC,
-                    src=self.rank,
-                    dst=peer,
-                    world_size=self.world_size,
-                    config_hash=self.config_hash,
-                    job=self._job,
-                )
-            )
-        running = True
-        try:
-            while running:
-                ready = dict(poller.poll(50))
-                if router in ready:
-                    self._drain_router(router, ident_rank)
-                for sock in ready:
-                    if sock in dealer_peer:
-                        self._drain_dealer(sock, dealer_peer[sock])
-                    elif sock in monitor_peer:
-                        peer = monitor_peer[sock]
-                        while sock.poll(0):
-                            event = recv_monitor_message(sock)["event"]
-                            if event == zmq.EVENT_DISCONNECTED:
-                                suspects.setdefault(peer, time.monotonic())
-                            elif event == zmq.EVENT_CONNECTED:
-                                suspects.pop(peer, None)
-                if cmd in ready:
-                    running = self._drain_commands(cmd, dealers)
-                if suspects:
-                    self._drain_router(router, ident_rank)
-                    now = time.monotonic()
-                    for peer, since in list(suspects.items()):
-                        if peer in self._gone:
-                            del suspects[peer]
-                        elif now - since >= self.peer_grace_s:
-                            del suspects[peer]
-                            self._mark_gone(peer, "connection lost without a goodbye (the peer process died?)", True)
-        except Exception as exc:  # noqa: BLE001 - reported to every waiter
-            logger.exception("%s: I/O thread crashed", self.describe())
-            with self._lock:
-                self._fatal = f"I/O thread crashed: {type(exc).__name__}: {exc}"
-            self._ready.set()
-        finally:
-            for dealer in dealers.values():
-                try:
-                    dealer.disable_monitor()
-                except Exception:  # noqa: BLE001
-                    pass
-            for sock in (*monitors.values(), *dealers.values(), router, cmd):
-                sock.close()
-
-    def _drain_commands(self, cmd: Any, dealers: dict[int, Any]) -> bool:
         zmq = self._zmq
-        while cmd.poll(0):
-            frames = cmd.recv_multipart(copy=False)
-            op = frames[0].bytes
-            if op == b"S":
-                peer = int.from_bytes(frames[1].bytes, "little")
-                try:
-                    dealers[peer].send_multipart(frames[2:], copy=False, flags=zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    self._mark_gone(peer, f"cannot queue a message: {exc}", True)
-                del frames
-            elif op == b"B":
-                for peer, dealer in dealers.items():
-                    if peer not in self._gone:
-                        dealer.send(pack("bye", src=self.rank, dst=peer))
-                return False
-        return True
+        while sock.poll(0):
+            event = recv_monitor_message(sock)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._suspects.setdefault(peer, time.monotonic())
+            elif event == zmq.EVENT_CONNECTED:
+                self._suspects.pop(peer, None)
 
     def _drain_dealer(self, sock: Any, peer: int) -> None:
         zmq = self._zmq
@@ -406,42 +409,37 @@ class ZmqTransport(Transport):
                 self._reject(peer, str(exc))
                 continue
             if msg["k"] == "reject":
-                with self._lock:
-                    self._fatal = f"rank {peer} refused the handshake: {msg['reason']}"
-                self._ready.set()
+                self._fatal = f"rank {peer} refused the handshake: {msg['reason']}"
             else:
                 self._acked.add(peer)
-                if len(self._acked) == self.world_size - 1:
-                    self._ready.set()
 
-    def _drain_router(self, router: Any, ident_rank: dict[bytes, int]) -> None:
+    def _drain_router(self) -> None:
         zmq = self._zmq
+        router = self._router
         while True:
             try:
                 frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             ident = frames[0].bytes
-            peer = ident_rank.get(ident)
+            peer = self._ident_rank.get(ident)
             try:
-                self._handle_inbound(router, ident, peer, frames[1:], ident_rank)
+                self._handle_inbound(router, ident, peer, frames[1:])
             except Rejected as exc:
                 self._reject(peer, str(exc))
 
-    def _handle_inbound(
-        self, router: Any, ident: bytes, peer: int | None, rest: list[Any], ident_rank: dict[bytes, int]
-    ) -> None:
+    def _handle_inbound(self, router: Any, ident: bytes, peer: int | None, rest: list[Any]) -> None:
         if not rest or len(rest) > 2:
             raise Rejected(f"expected 1 or 2 frames, got {len(rest)}")
         header_bytes = rest[0].bytes
         msg = decode(header_bytes, ("t", "o", "bye", "hello"))
         kind = msg["k"]
         if kind == "hello":
-            reason = self._check_hello(msg, peer, ident_rank, len(rest))
+            reason = self._check_hello(msg, peer, len(rest))
             if reason:
                 router.send_multipart([ident, pack("reject", src=self.rank, dst=msg["src"], reason=reason)])
                 raise Rejected(f"handshake refused: {reason}")
-            ident_rank[ident] = msg["src"]
+            self._ident_rank[ident] = msg["src"]
             router.send_multipart([ident, pack("ack", src=self.rank, dst=msg["src"])])
             return
         if peer is None:
@@ -462,9 +460,8 @@ class ZmqTransport(Transport):
         if kind == "o":
             if size > MAX_OBJECT:
                 raise Rejected(f"object message of {size} bytes exceeds {MAX_OBJECT}")
-            with self._objects_cv:
+            with self._lock:
                 self._objects[peer].append((payload.bytes, len(header_bytes)))
-                self._objects_cv.notify_all()
             return
         dtype = DTYPES.get(msg["dtype"])
         if dtype is None:
@@ -480,7 +477,7 @@ class ZmqTransport(Transport):
                 return
         self._fill(work, msg, payload, len(header_bytes))
 
-    def _check_hello(self, msg: dict[str, Any], peer: int | None, ident_rank: dict[bytes, int], nframes: int) -> str:
+    def _check_hello(self, msg: dict[str, Any], peer: int | None, nframes: int) -> str:
         if nframes != 1:
             return f"hello has {nframes} frames, expected 1"
         if msg["magic"] != MAGIC:
@@ -493,7 +490,7 @@ class ZmqTransport(Transport):
             return f"job id {msg['job']!r} is not this job's {self._job!r} (another job?)"
         if msg["dst"] != self.rank or not 0 <= msg["src"] < self.world_size or msg["src"] == self.rank:
             return f"hello from rank {msg['src']} to rank {msg['dst']} makes no sense here"
-        if peer is not None or msg["src"] in ident_rank.values():
+        if peer is not None or msg["src"] in self._ident_rank.values():
             return f"rank {msg['src']} already completed the handshake"
         return ""
 
@@ -544,7 +541,6 @@ class ZmqTransport(Transport):
                 if src == peer:
                     stranded.extend(queue)
                     queue.clear()
-            self._objects_cv.notify_all()
         if failed:
             logger.error("%s: %s", self.describe(peer, "receive"), reason)
         for work in stranded:
@@ -573,14 +569,24 @@ class ZmqTransport(Transport):
             state = "closed" if self._closed else "not connected (call connect() first)"
             raise TransportError(f"{self.describe(op=op)}: transport is {state}")
 
-    def _post(self, dst: int, frames: list[Any], track: bool) -> Any:
-        with self._cmd_lock:
-            return self._cmd.send_multipart([b"S", dst.to_bytes(2, "little"), *frames], copy=False, track=track)
+    def _send_frames(self, dst: int, frames: list[Any], track: bool, op: str) -> Any:
+        """Queue ``frames`` on ``dst``'s DEALER (never blocks: high-water marks are off); the
+        tracker of the last frame when ``track``."""
+        zmq = self._zmq
+        with self._send_lock:
+            if self._closed:
+                raise TransportError(f"{self.describe(dst, op)}: transport is closed")
+            try:
+                return self._dealers[dst].send_multipart(frames, copy=False, track=track, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                reason = f"cannot queue a message: {exc}"
+        self._mark_gone(dst, reason, True)
+        raise PeerFailed(f"{self.describe(dst, op)}: peer {reason}")
 
     def _inject_frames(self, dst: int, frames: list[bytes]) -> None:
         """Send raw frames to ``dst`` on the data path, bypassing the encoder (for tests only)."""
         self._require("inject")
-        self._post(dst, list(frames), track=False)
+        self._send_frames(dst, list(frames), False, "inject")
 
     # ================================================================ point to point
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Work:
@@ -596,7 +602,7 @@ class ZmqTransport(Transport):
         nbytes = tensor_nbytes(buf)
         header = pack("t", src=self.rank, dst=dst, tag=tag, dtype=dtype, nbytes=nbytes)
         payload = memoryview(host_bytes(host)) if nbytes else b""
-        tracker = self._post(dst, [header, payload], track=True)
+        tracker = self._send_frames(dst, [header, payload], True, f"send tag {tag}")
         self.counters.add_sent(nbytes, len(header))
         return _SendWork(self, tracker, dst, tag)
 
@@ -628,7 +634,7 @@ class ZmqTransport(Transport):
         self._raise_if_broken(dst, "send_object")
         data = msgpack.packb(obj, use_bin_type=True)
         header = pack("o", src=self.rank, dst=dst, nbytes=len(data))
-        self._post(dst, [header, data], track=False)
+        self._send_frames(dst, [header, data], False, "send_object")
         self.counters.add_sent(0, len(header) + len(data))
 
     def recv_object(self, src: int, timeout: float | None = None) -> Any:
@@ -636,17 +642,20 @@ class ZmqTransport(Transport):
         self._require("recv_object")
         limit = self.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
-        with self._objects_cv:
-            box = self._objects[src]
-            while not box:
-                if src in self._gone or self._fatal is not None or self._closed:
-                    reason = self._fatal or self._gone.get(src) or "transport is closed"
-                    raise PeerFailed(f"{self.describe(src, 'recv_object')}: peer {reason}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TransportTimeout(f"{self.describe(src, 'recv_object')}: no object after {limit:.1f} s")
-                self._objects_cv.wait(min(remaining, 0.05))
-            data, header_len = box.popleft()
+        while True:
+            with self._lock:
+                box = self._objects[src]
+                item = box.popleft() if box else None
+            if item is not None:
+                break
+            if src in self._gone or self._fatal is not None or self._closed:
+                reason = self._fatal or self._gone.get(src) or "transport is closed"
+                raise PeerFailed(f"{self.describe(src, 'recv_object')}: peer {reason}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportTimeout(f"{self.describe(src, 'recv_object')}: no object after {limit:.1f} s")
+            self._progress(min(remaining, 0.05))
+        data, header_len = item
         self.counters.add_received(0, header_len + len(data))
         try:
             return msgpack.unpackb(data, raw=False)
@@ -655,37 +664,39 @@ class ZmqTransport(Transport):
 
     # ================================================================ lifecycle
     def close(self) -> None:
-        """Say goodbye to every peer, stop the I/O thread, close sockets (queued sends get 1 s)."""
+        """Say goodbye to every peer and close the sockets (queued sends get 1 s to leave)."""
         if self._closed:
             return
-        self._closed = True
-        stuck = False
-        if self._thread is not None:
-            if self._thread.is_alive():
-                try:
-                    with self._cmd_lock:
-                        self._cmd.send(b"B")
-                except Exception:  # noqa: BLE001
-                    pass
-                self._thread.join(5.0)
-            stuck = self._thread.is_alive()
-        else:  # connect failed before the I/O thread took the sockets
-            s = self._io_sockets
-            for sock in (*s.get("monitors", {}).values(), *s.get("dealers", {}).values()):
-                sock.close(0)
-            for key in ("router", "cmd"):
-                if key in s:
-                    s[key].close(0)
-        if self._cmd is not None:
-            self._cmd.close(0)
+        # a thread draining right now finishes its poll (at most 50 ms) before the sockets go
+        got_recv = self._recv_lock.acquire(timeout=5.0)
+        try:
+            with self._send_lock:
+                self._closed = True
+                for peer, dealer in self._dealers.items():
+                    if peer not in self._gone and peer in self._acked:
+                        try:
+                            dealer.send(pack("bye", src=self.rank, dst=peer), flags=self._zmq.NOBLOCK)
+                        except Exception:  # noqa: BLE001 - the peer may be gone already
+                            pass
+                for dealer in self._dealers.values():
+                    try:
+                        dealer.disable_monitor()
+                    except Exception:  # noqa: BLE001
+                        pass
+                for sock in (*self._monitors.values(), *self._dealers.values()):
+                    sock.close()
+                if self._router is not None:
+                    self._router.close()
+        finally:
+            if got_recv:
+                self._recv_lock.release()
         if self._ctx is not None:
-            if stuck:
-                logger.error("%s: I/O thread did not stop; leaving its sockets open", self.describe(op="close"))
-            else:
+            if got_recv:
                 self._ctx.term()
+            else:
+                logger.error("%s: a thread is stuck draining; leaving the context open", self.describe(op="close"))
         with self._lock:
             stranded = [w for q in self._posted.values() for w in q]
             self._posted.clear()
-            self._objects_cv.notify_all()
         for work in stranded:
             work.complete(TransportError(f"{self.describe(work.src, f'recv tag {work.tag}')}: transport closed"))
