@@ -28,6 +28,9 @@ class ParallelConfig:
         weights: relative capacity per rank for weighted partitioners; ``None`` for equal.
         cfg_split: send the two halves of a classifier-free-guidance batch to two rank groups.
         timeout_s: the timeout of every blocking wait on a peer, in seconds.
+        coalesce_bytes: the next step's context to one peer is sent in batches of at least this
+            many bytes (and what is left when the step ends) instead of one transport message per
+            layer (:mod:`pcpp_runtime.staging`); 0 sends every layer's message on its own.
     """
 
     policy: str = "partial"
@@ -37,6 +40,7 @@ class ParallelConfig:
     weights: tuple[float, ...] | None = None
     cfg_split: bool = False
     timeout_s: float = 300.0
+    coalesce_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         from . import registry  # late: the registry imports the built-in plugins
@@ -60,6 +64,10 @@ class ParallelConfig:
             object.__setattr__(self, "weights", tuple(float(w) for w in weights))
         if not isinstance(self.timeout_s, (int, float)) or not (self.timeout_s > 0) or math.isinf(self.timeout_s):
             raise ConfigError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if isinstance(self.coalesce_bytes, bool) or not isinstance(self.coalesce_bytes, int) or self.coalesce_bytes < 0:
+            raise ConfigError(
+                f"coalesce_bytes must be an integer >= 0 (0: one message per layer), got {self.coalesce_bytes!r}"
+            )
         policy = registry.policies.get(self.policy)(self)
         if policy.uses_stale_context and self.warmup_steps < 1:
             raise ConfigError(

@@ -114,6 +114,8 @@ class ParallelDenoiser:
         """End the current generation: every posted message completes."""
         if self._applied is not None:
             self._applied.drain()
+        if self.runtime.staged is not None:
+            self.runtime.staged.drain()
         self._in_generation = False
         self.runtime.step = 0
 
@@ -125,6 +127,8 @@ class ParallelDenoiser:
         """
         if self._applied is not None:
             self._applied.abandon()
+        if self.runtime.staged is not None:
+            self.runtime.staged.abandon()
         self._in_generation = False
         self.runtime.step = 0
         self._broken = reason
@@ -213,6 +217,7 @@ class ParallelDenoiser:
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         runtime = self.runtime
+        runtime.end_step_messages()  # the next step's context leaves before this rank waits below
         strip = output[0] if isinstance(output, tuple) else output.sample
         if strip.dtype != self._out_buffers[0].dtype:
             self._out_buffers = [b.to(strip.dtype) for b in self._out_buffers]

@@ -6,7 +6,8 @@ is and whether it is synchronous, the rank's strip at the layer's resolution, an
 message (which also records its bytes). Nothing here is global: two wrapped models in one
 process have two runtimes.
 
-Message tags: ``layer_id * 16 + channel``; layer 0 is the output gather.
+Message tags: ``layer_id * 16 + channel``; layer 0 is the output gather and the batches of
+coalesced stale context (:mod:`pcpp_runtime.staging`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .accounting import ByteLedger
 from .config import ParallelConfig
 from .partition import PatchPlan, make_partitioner
+from .staging import StagedMessages
 from .transports.base import Transport, TransportError, Work
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ class Channel:
     HALO_FROM_BELOW = 1
     KV = 2
     NORM = 3
+    STAGED = 4  # layer 0 only: a batch of coalesced stale-context messages
     SYNC_HALO_FROM_ABOVE = 8
     SYNC_HALO_FROM_BELOW = 9
 
@@ -69,6 +72,10 @@ class RankRuntime:
         self.full_input: torch.Tensor | None = None
         self.ledger = ByteLedger()
         self.generation = 0
+        #: the next step's context goes through here when ``config.coalesce_bytes`` > 0
+        self.staged: StagedMessages | None = None
+        if config.coalesce_bytes > 0 and transport.world_size > 1:
+            self.staged = StagedMessages(transport, config.coalesce_bytes, make_tag(0, Channel.STAGED))
 
     # ------------------------------------------------------------------ planning
     def make_plan(self, height: int, width: int) -> PatchPlan:
@@ -146,6 +153,30 @@ class RankRuntime:
         """Post a receive for ``step``'s compute, recording its bytes."""
         self.ledger.add_received(step, kind, buf.numel() * buf.element_size())
         return self.transport.irecv(buf, src, tag)
+
+    def post_stale_send(self, buf: torch.Tensor, dst: int, tag: int, kind: str, where: str) -> Work:
+        """Post a send of context for the *next* step, recording its bytes. Coalesced with the
+        step's other such messages to ``dst`` when ``config.coalesce_bytes`` > 0 (``buf`` must
+        then stay unchanged until the step ends; the returned handle completes when it ends)."""
+        step = self.step + 1
+        self.ledger.add_sent(step, kind, buf.numel() * buf.element_size())
+        if self.staged is None:
+            return self.transport.isend(buf, dst, tag)
+        return self.staged.send(buf, dst, where)
+
+    def post_stale_recv(self, buf: torch.Tensor, src: int, tag: int, kind: str, where: str) -> Work:
+        """Post a receive of the next step's context, recording its bytes (coalesced like
+        :meth:`post_stale_send`; every rank posts these in the same order as its peers send)."""
+        step = self.step + 1
+        self.ledger.add_received(step, kind, buf.numel() * buf.element_size())
+        if self.staged is None:
+            return self.transport.irecv(buf, src, tag)
+        return self.staged.recv(buf, src, where)
+
+    def end_step_messages(self) -> None:
+        """The step's compute is done: send what is still queued for the next step."""
+        if self.staged is not None:
+            self.staged.flush()
 
     def all_gather(
         self, outputs: list[torch.Tensor], input: torch.Tensor, kind: str, where: str, transport: Transport | None = None

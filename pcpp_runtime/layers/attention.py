@@ -128,6 +128,7 @@ class StripSelfAttention(DisplacedLayer):
         runtime = self.runtime
         me = runtime.rank
         step = runtime.step + 1
+        where = self.where("sending keys and values")
         self.wait_sent()
         batch, _, _, inner = kv_own.shape
         for peer in range(runtime.world_size):
@@ -139,14 +140,15 @@ class StripSelfAttention(DisplacedLayer):
             first, end = wanted
             buf = self._send[peer].view((batch, (end - first) * width, 2, inner))
             buf.copy_(kv_own[:, first * width : end * width])
-            self._pending_send.append(runtime.post_send(buf, peer, self.tag(Channel.KV), "attention_kv", step))
+            self._pending_send.append(runtime.post_stale_send(buf, peer, self.tag(Channel.KV), "attention_kv", where))
 
     def _post_recvs(self, batch: int, inner: int, bounds, width: int) -> None:
         runtime = self.runtime
         step = runtime.step + 1
+        where = self.where("receiving keys and values")
         for peer, (first, end) in sorted(self._request(runtime.rank, step, bounds, width).items()):
             buf = self._recv[peer].view((batch, (end - first) * width, 2, inner))
-            self._pending_recv.append(runtime.post_recv(buf, peer, self.tag(Channel.KV), "attention_kv", step))
+            self._pending_recv.append(runtime.post_stale_recv(buf, peer, self.tag(Channel.KV), "attention_kv", where))
 
     # ------------------------------------------------------------------ processor
     def __call__(

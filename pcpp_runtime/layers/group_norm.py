@@ -107,14 +107,18 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         send.copy_(local)
         for peer in range(runtime.world_size):
             if peer != runtime.rank:
-                self._pending_send.append(runtime.post_send(send, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
+                self._pending_send.append(
+                    runtime.post_stale_send(send, peer, self.tag(Channel.NORM), "norm", self.where("sending statistics"))
+                )
 
     def _post_recvs(self, shape: tuple[int, ...]) -> None:
         runtime = self.runtime
         for peer in range(runtime.world_size):
             if peer != runtime.rank:
                 buf = self.stale[peer].view(shape)
-                self._pending_recv.append(runtime.post_recv(buf, peer, self.tag(Channel.NORM), "norm", runtime.step + 1))
+                self._pending_recv.append(
+                    runtime.post_stale_recv(buf, peer, self.tag(Channel.NORM), "norm", self.where("receiving statistics"))
+                )
 
 
 def _strip_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -145,23 +145,25 @@ class HaloConv2d(_StripConv):
 
     def _post_sends(self, x, above_rank, below_rank, shape_above, shape_below) -> None:
         runtime = self.runtime
-        step = runtime.step + 1
+        where = self.where("sending halo rows")
         self.wait_sent()  # the send buffers still hold the previous step's rows until then
         if above_rank is not None and self.below > 0:
             up = self.send_up.view(shape_below)
             up.copy_(x[:, :, : self.below])
-            self._pending_send.append(runtime.post_send(up, above_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", step))
+            self._pending_send.append(runtime.post_stale_send(up, above_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", where))
         if below_rank is not None and self.above > 0:
             down = self.send_down.view(shape_above)
             down.copy_(x[:, :, x.shape[2] - self.above :])
-            self._pending_send.append(runtime.post_send(down, below_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", step))
+            self._pending_send.append(
+                runtime.post_stale_send(down, below_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", where)
+            )
 
     def _post_recvs(self, above_rank, below_rank, shape_above, shape_below) -> None:
         runtime = self.runtime
-        step = runtime.step + 1
+        where = self.where("receiving halo rows")
         if above_rank is not None and self.above > 0:
             buf = self.recv_above.view(shape_above)
-            self._pending_recv.append(runtime.post_recv(buf, above_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", step))
+            self._pending_recv.append(runtime.post_stale_recv(buf, above_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", where))
         if below_rank is not None and self.below > 0:
             buf = self.recv_below.view(shape_below)
-            self._pending_recv.append(runtime.post_recv(buf, below_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", step))
+            self._pending_recv.append(runtime.post_stale_recv(buf, below_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", where))
