@@ -89,13 +89,16 @@ class StripGroupNorm(nn.Module, DisplacedLayer):
         """``x`` normalized with the whole image's ``mean`` and ``var`` ``(B, G)`` (float32), then
         the norm's affine transform: one inference-mode ``batch_norm`` over ``(1, B * C, L)``."""
         batch, channels = x.shape[:2]
-        per_group = channels // self.norm.num_groups
-        running_mean = mean.repeat_interleave(per_group, dim=1).reshape(-1)  # (B * C,)
-        running_var = var.repeat_interleave(per_group, dim=1).reshape(-1)
+        groups = self.norm.num_groups
+        per_group = (batch, groups, channels // groups)
+        # (B, G) -> (B * C,): expand and copy once (repeat_interleave took 2.5x as long on the CPU)
+        running_mean = mean.unsqueeze(-1).expand(per_group).reshape(-1)
+        running_var = var.unsqueeze(-1).expand(per_group).reshape(-1)
         weight = bias = None
         if self.norm.affine:  # float32 like the statistics: batch_norm takes a half input with float parameters
-            weight = self.norm.weight.float().repeat(batch)
-            bias = self.norm.bias.float().repeat(batch)
+            weight, bias = self.norm.weight.float(), self.norm.bias.float()  # no copy when already float32
+            if batch > 1:
+                weight, bias = weight.repeat(batch), bias.repeat(batch)
         out = F.batch_norm(x.reshape(1, batch * channels, -1), running_mean, running_var, weight, bias,
                            training=False, momentum=0.0, eps=self.norm.eps)
         return out.reshape(x.shape)
