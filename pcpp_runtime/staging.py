@@ -9,7 +9,9 @@ on a CPU that also computes, that cost is taken from the compute (docs/BENCHMARK
 :class:`StagedMessages` takes those messages instead of the transport. Messages to one peer are
 kept in the order they are posted and sent as one ``uint8`` transport message (their bytes
 concatenated) once they hold at least ``flush_bytes``, and whatever is left when the step ends
-(:meth:`StagedMessages.flush`). The receiving rank posts its receives from that peer in the same
+(:meth:`StagedMessages.flush`). A message of ``flush_bytes`` or more is not copied: the queue goes
+first, then the message on its own from the layer's buffer (at 128x128 every key/value block is
+1-2 MiB, and two more copies of 17 MB a step would cost more than batching saves). The receiving rank posts its receives from that peer in the same
 order with the same sizes -- every rank runs the same layers in the same order and the policy
 is deterministic -- so it cuts the same batches, receives each into one buffer, and scatters it
 into the layers' buffers when the first of them is waited on. A batch never waits for more
@@ -124,25 +126,36 @@ class StagedMessages:
         self._out: dict[int, _Queue] = {}
         self._in: dict[int, _Queue] = {}
         self._in_flight: list[tuple[Work, torch.Tensor]] = []  # batch sends and their buffers
+        #: bytes this rank copied into batches it sent (messages under ``flush_bytes``)
+        self.copied_bytes = 0
 
     def send(self, buf: torch.Tensor, dst: int, where: str) -> Work:
-        """Queue ``buf`` (contiguous; unchanged until the step ends) for ``dst``."""
+        """Queue ``buf`` (contiguous; unchanged until the step ends, or until the returned
+        handle completes for a message of ``flush_bytes`` or more) for ``dst``."""
+        nbytes = buf.numel() * buf.element_size()
+        if nbytes >= self.flush_bytes:
+            self._send_batch(dst)
+            return self.transport.isend(buf, dst, self.tag)
         handle = _StagedSend(where)
         queue = self._out.setdefault(dst, _Queue())
         queue.parts.append(buf)
         queue.handles.append(handle)
-        queue.nbytes += buf.numel() * buf.element_size()
+        queue.nbytes += nbytes
         if queue.nbytes >= self.flush_bytes:
             self._send_batch(dst)
         return handle
 
     def recv(self, buf: torch.Tensor, src: int, where: str) -> Work:
-        """Queue a receive into ``buf`` (contiguous) from ``src``."""
+        """Queue a receive into ``buf`` (contiguous) from ``src`` (the same rule as :meth:`send`)."""
+        nbytes = buf.numel() * buf.element_size()
+        if nbytes >= self.flush_bytes:
+            self._recv_batch(src)
+            return self.transport.irecv(buf, src, self.tag)
         handle = _StagedRecv(where)
         queue = self._in.setdefault(src, _Queue())
         queue.parts.append(buf)
         queue.handles.append(handle)
-        queue.nbytes += buf.numel() * buf.element_size()
+        queue.nbytes += nbytes
         if queue.nbytes >= self.flush_bytes:
             self._recv_batch(src)
         return handle
@@ -177,6 +190,7 @@ class StagedMessages:
         if queue is None or not queue.parts:
             return
         staging = torch.cat([_as_bytes(p) for p in queue.parts]) if len(queue.parts) > 1 else _as_bytes(queue.parts[0]).clone()
+        self.copied_bytes += queue.nbytes
         for handle in queue.handles:
             handle.copied = True
         self._in_flight = [(w, b) for w, b in self._in_flight if not w.is_completed()]

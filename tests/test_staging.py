@@ -23,8 +23,9 @@ def _payload(i: int, shape, dtype) -> torch.Tensor:
 
 
 def test_batches_arrive_intact_and_fewer_messages_are_sent() -> None:
-    """64-byte batches: [40 + 8 + 2 + 16], [4000], then [24] at the end of the step: three
-    transport messages carry six, and every receive buffer gets exactly its own bytes."""
+    """64-byte batches: [40 + 8 + 2 + 16], then the 4000-byte message on its own and uncopied,
+    then [24] at the end of the step: three transport messages carry six, and every receive
+    buffer gets exactly its own bytes."""
 
     def rank(transport):
         staged = StagedMessages(transport, flush_bytes=64, tag=4)
@@ -33,6 +34,7 @@ def test_batches_arrive_intact_and_fewer_messages_are_sent() -> None:
             assert [w.is_completed() for w in sends] == [True] * 5 + [False]  # the last is still queued
             staged.flush()
             staged.drain()
+            assert staged.copied_bytes == 40 + 8 + 2 + 16 + 24
             return transport.counters.messages_sent
         buffers = [torch.full(s, -1).to(d) for s, d in MESSAGES]
         works = [staged.recv(b, 0, f"message {i}") for i, b in enumerate(buffers)]
