@@ -85,52 +85,63 @@ class StripSelfAttention(DisplacedLayer):
         self.mark_registered()
 
     # ------------------------------------------------------------------ context
-    def _context(self, kv_own: torch.Tensor) -> torch.Tensor:
-        """Keys and values to attend to, ``(B, L_context, 2, inner)``, in global row order."""
+    def _context(self, key_own: torch.Tensor, value_own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values to attend to, each ``(B, L_context, inner)`` and contiguous, in global
+        row order, from this rank's own ``(B, L, inner)``."""
         runtime = self.runtime
         me = runtime.rank
-        batch, tokens, _, inner = kv_own.shape
+        batch, tokens, inner = key_own.shape
         factor = runtime.level_factor_from_tokens(tokens)
         bounds = runtime.plan.level_bounds(factor)
         width = runtime.plan.width // factor
         if self.needs_registration():
-            self._register(batch, inner, bounds, width, kv_own.dtype, kv_own.device)
+            self._register(batch, inner, bounds, width, key_own.dtype, key_own.device)
 
         # Same posting order on every rank (fresh exchange, next step's sends, next step's
         # receives), for transports that match messages by order alone (NCCL).
         post_next = runtime.next_step_displaced
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, values) per strip, in row order
         if runtime.synchronous:
-            parts = [
+            kv_own = torch.stack([key_own, value_own], dim=2)  # (B, L, 2, inner): one message
+            gathered = [
                 kv_own.new_empty(batch, (end - start) * width, 2, inner) if r != me else kv_own
                 for r, (start, end) in enumerate(bounds)
             ]
-            runtime.all_gather(parts, kv_own, "attention_kv", self.where("gathering keys and values"))
+            runtime.all_gather(gathered, kv_own, "attention_kv", self.where("gathering keys and values"))
+            parts = [(key_own, value_own) if r == me else (g[:, :, 0], g[:, :, 1]) for r, g in enumerate(gathered)]
             if post_next:
-                self._post_sends(kv_own, bounds, width)
+                self._post_sends(key_own, value_own, bounds, width)
         else:
             if post_next:  # this step's keys and values travel while this step computes
-                self._post_sends(kv_own, bounds, width)
+                self._post_sends(key_own, value_own, bounds, width)
             self.wait_received()
             request = self._request(me, runtime.step, bounds, width)
-            parts = []
             for peer in sorted(set(request) | {me}):
                 if peer == me:
-                    parts.append(kv_own)
+                    parts.append((key_own, value_own))
                 else:
                     first, end = request[peer]
-                    parts.append(self._recv[peer].view((batch, (end - first) * width, 2, inner)))
-        context = torch.cat(parts, dim=1) if len(parts) > 1 else kv_own
+                    received = self._recv[peer].view((batch, (end - first) * width, 2, inner))
+                    parts.append((received[:, :, 0], received[:, :, 1]))
+        if len(parts) > 1:
+            # one copy each, straight into the (B, L_context, inner) layout of the stock processor's
+            # to_k/to_v outputs: attention over the interleaved (.., 2, inner) rows ran 10-13 %
+            # slower on the CPU (4096 keys, one thread)
+            key = torch.cat([k for k, _ in parts], dim=1)
+            value = torch.cat([v for _, v in parts], dim=1)
+        else:
+            key, value = key_own, value_own
         if post_next:
             self._post_recvs(batch, inner, bounds, width)
-        return context
+        return key, value
 
-    def _post_sends(self, kv_own: torch.Tensor, bounds, width: int) -> None:
+    def _post_sends(self, key_own: torch.Tensor, value_own: torch.Tensor, bounds, width: int) -> None:
         runtime = self.runtime
         me = runtime.rank
         step = runtime.step + 1
         where = self.where("sending keys and values")
         self.wait_sent()
-        batch, _, _, inner = kv_own.shape
+        batch, _, inner = key_own.shape
         for peer in range(runtime.world_size):
             if peer == me:
                 continue
@@ -139,7 +150,8 @@ class StripSelfAttention(DisplacedLayer):
                 continue
             first, end = wanted
             buf = self._send[peer].view((batch, (end - first) * width, 2, inner))
-            buf.copy_(kv_own[:, first * width : end * width])
+            buf[:, :, 0].copy_(key_own[:, first * width : end * width])
+            buf[:, :, 1].copy_(value_own[:, first * width : end * width])
             self._pending_send.append(runtime.post_stale_send(buf, peer, self.tag(Channel.KV), "attention_kv", where))
 
     def _post_recvs(self, batch: int, inner: int, bounds, width: int) -> None:
@@ -177,10 +189,7 @@ class StripSelfAttention(DisplacedLayer):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        kv_own = torch.stack([attn.to_k(hidden_states), attn.to_v(hidden_states)], dim=2)  # (B, L, 2, inner)
-        # each its own (B, L_context, inner) block, the layout of the stock processor's to_k/to_v outputs:
-        # attention over the interleaved (.., 2, inner) rows ran 10-13 % slower on the CPU (4096 keys, one thread)
-        key, value = (part.contiguous() for part in self._context(kv_own).unbind(dim=2))
+        key, value = self._context(attn.to_k(hidden_states), attn.to_v(hidden_states))
 
         inner = key.shape[-1]
         head_dim = inner // attn.heads
