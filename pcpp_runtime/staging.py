@@ -77,7 +77,11 @@ class _StagedRecv(Work):
         self.batch.wait(timeout)
 
     def is_completed(self) -> bool:
-        return self.batch is not None and (self.batch.scattered or self.batch.work.is_completed())
+        if self.batch is None:
+            return False
+        if not self.batch.scattered and self.batch.work.is_completed():
+            self.batch.wait(None)  # arrived: scatter now, so the buffer may be read as the contract says
+        return self.batch.scattered
 
 
 class _StagedSend(Work):

@@ -328,6 +328,8 @@ class ZmqTransport(Transport):
                     )
                 )
             while True:
+                if self._closed:
+                    raise TransportError(f"{self.describe(op='connect')}: transport closed during the handshake")
                 if self._fatal is not None:
                     raise TransportError(f"{self.describe(op='connect')}: {self._fatal}")
                 answered = len(set(self._ident_rank.values()))
@@ -356,7 +358,7 @@ class ZmqTransport(Transport):
     def _progress(self, timeout: float) -> None:
         """Drain inbound messages into their receives, waiting up to ``timeout`` seconds for the
         first; watch the connections. Called inside every wait, on the waiting thread."""
-        if self._router is None or self._closed:
+        if self._poller is None or self._closed:
             return
         if not self._recv_lock.acquire(timeout=max(0.0, timeout)):
             return  # another thread is draining; the caller checks its event again
@@ -667,11 +669,12 @@ class ZmqTransport(Transport):
         """Say goodbye to every peer and close the sockets (queued sends get 1 s to leave)."""
         if self._closed:
             return
-        # a thread draining right now finishes its poll (at most 50 ms) before the sockets go
+        # first, so that a thread draining or in the handshake stops at its next check; one
+        # draining right now finishes its poll (at most 50 ms) before the sockets go
+        self._closed = True
         got_recv = self._recv_lock.acquire(timeout=5.0)
         try:
             with self._send_lock:
-                self._closed = True
                 for peer, dealer in self._dealers.items():
                     if peer not in self._gone and peer in self._acked:
                         try:
