@@ -136,32 +136,26 @@ class StagedMessages:
     def send(self, buf: torch.Tensor, dst: int, where: str) -> Work:
         """Queue ``buf`` (contiguous; unchanged until the step ends, or until the returned
         handle completes for a message of ``flush_bytes`` or more) for ``dst``."""
-        nbytes = buf.numel() * buf.element_size()
-        if nbytes >= self.flush_bytes:
+        if buf.numel() * buf.element_size() >= self.flush_bytes:
             self._send_batch(dst)
             return self.transport.isend(buf, dst, self.tag)
-        handle = _StagedSend(where)
-        queue = self._out.setdefault(dst, _Queue())
-        queue.parts.append(buf)
-        queue.handles.append(handle)
-        queue.nbytes += nbytes
-        if queue.nbytes >= self.flush_bytes:
-            self._send_batch(dst)
-        return handle
+        return self._enqueue(self._out, dst, buf, _StagedSend(where), self._send_batch)
 
     def recv(self, buf: torch.Tensor, src: int, where: str) -> Work:
         """Queue a receive into ``buf`` (contiguous) from ``src`` (the same rule as :meth:`send`)."""
-        nbytes = buf.numel() * buf.element_size()
-        if nbytes >= self.flush_bytes:
+        if buf.numel() * buf.element_size() >= self.flush_bytes:
             self._recv_batch(src)
             return self.transport.irecv(buf, src, self.tag)
-        handle = _StagedRecv(where)
-        queue = self._in.setdefault(src, _Queue())
+        return self._enqueue(self._in, src, buf, _StagedRecv(where), self._recv_batch)
+
+    def _enqueue(self, queues: dict[int, _Queue], peer: int, buf: torch.Tensor, handle, cut) -> Work:
+        """Add ``buf`` to ``peer``'s queue; ``cut(peer)`` makes the batch once it is full."""
+        queue = queues.setdefault(peer, _Queue())
         queue.parts.append(buf)
         queue.handles.append(handle)
-        queue.nbytes += nbytes
+        queue.nbytes += buf.numel() * buf.element_size()
         if queue.nbytes >= self.flush_bytes:
-            self._recv_batch(src)
+            cut(peer)
         return handle
 
     def flush(self) -> None:
