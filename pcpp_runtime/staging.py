@@ -11,10 +11,11 @@ kept in the order they are posted and sent as one ``uint8`` transport message (t
 concatenated) once they hold at least ``flush_bytes``, and whatever is left when the step ends
 (:meth:`StagedMessages.flush`). A message of ``flush_bytes`` or more is not copied: the queue goes
 first, then the message on its own from the layer's buffer (at 128x128 every key/value block is
-1-2 MiB, and two more copies of 17 MB a step would cost more than batching saves). The receiving rank posts its receives from that peer in the same
-order with the same sizes -- every rank runs the same layers in the same order and the policy
-is deterministic -- so it cuts the same batches, receives each into one buffer, and scatters it
-into the layers' buffers when the first of them is waited on. A batch never waits for more
+1-2 MiB, and two more copies of 17 MB a step would cost more than batching saves). The
+receiving rank posts its receives from that peer in the same order with the same sizes --
+every rank runs the same layers in the same order and the policy is deterministic -- so it cuts
+the same batches, receives each into one buffer, and scatters it into the layers' buffers when
+the first of them is waited on. A batch never waits for more
 than ``flush_bytes`` of later messages, so the context still travels while the step computes.
 
 Which rank does what: every rank stages sends to the peers it has context for and receives from
@@ -178,16 +179,11 @@ class StagedMessages:
         self._in.clear()
         self._in_flight.clear()
 
-    @property
-    def queued(self) -> int:
-        """Messages queued and not yet in a batch (both directions)."""
-        return sum(len(q.parts) for q in (*self._out.values(), *self._in.values()))
-
     def _send_batch(self, dst: int) -> None:
         queue = self._out.pop(dst, None)
         if queue is None or not queue.parts:
             return
-        staging = torch.cat([_as_bytes(p) for p in queue.parts]) if len(queue.parts) > 1 else _as_bytes(queue.parts[0]).clone()
+        staging = torch.cat([_as_bytes(p) for p in queue.parts])  # a copy, also of a single part
         self.copied_bytes += queue.nbytes
         for handle in queue.handles:
             handle.copied = True
