@@ -45,9 +45,9 @@ buffer. CUDA buffers are staged through host memory (a synchronous copy).
 
 Failures: a peer that closes its transport sends BYE, and a receive from it that can no longer be
 matched raises :class:`~.base.PeerFailed` at once. A peer whose connection drops without BYE (it
-crashed or was killed) is marked failed ``peer_grace_s`` after a wait first sees the drop; its pending and future operations
-raise :class:`~.base.PeerFailed`. A peer that is alive but silent makes waits raise
-:class:`~.base.TransportTimeout` after the timeout. There is no authentication: ``config_hash`` is
+crashed or was killed) is marked failed ``peer_grace_s`` after a wait first sees the drop; its
+pending and future operations raise :class:`~.base.PeerFailed`. A peer that is alive but silent
+makes waits raise :class:`~.base.TransportTimeout` after the timeout. There is no authentication: ``config_hash`` is
 a consistency check, not a secret.
 
 Bytes: ``payload_*`` counts tensor bytes; ``framing_*`` counts header frames and object messages.
