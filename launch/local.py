@@ -26,7 +26,14 @@ Each worker runs in its own process group (so signals reach it once, from the la
 stopping it stops its children too) and, on Linux, dies if the launcher is killed outright.
 Every wait has a deadline; nothing here can hang.
 
-Command line: ``python -m pcpp_runtime.launch.local --nproc 4 -- pcpp generate ...``.
+CPU binding (``cpu_bind="cores"``, Linux): each worker and every thread it starts (PyTorch's,
+libzmq's I/O thread) stays on its own share of the CPUs this launcher may use, as ``mpirun
+--bind-to core`` and ``srun --cpu-bind=cores`` place ranks. :func:`cpu_sets` gives the shares:
+contiguous blocks when there are at least as many CPUs as workers, one CPU each round robin when
+there are fewer. Without binding the kernel moves ranks and their I/O threads between cores; on a
+machine where every core computes, that costs the blocking exchanges time (docs/BENCHMARKS.md).
+
+Command line: ``python -m pcpp_runtime.launch.local --nproc 4 [--cpu-bind cores] -- pcpp generate ...``.
 """
 
 from __future__ import annotations
@@ -39,13 +46,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import IO
 
-__all__ = ["TIMEOUT_EXIT_CODE", "free_port", "main", "run_workers"]
+__all__ = ["CPU_BIND_MODES", "TIMEOUT_EXIT_CODE", "cpu_sets", "free_port", "main", "run_workers"]
 
 TIMEOUT_EXIT_CODE = 124
 """What :func:`run_workers` returns when ``timeout_s`` runs out (as ``timeout(1)`` does)."""
+
+CPU_BIND_MODES = ("none", "cores")
+"""Values of ``cpu_bind``: ``none`` (the kernel places the workers) or ``cores`` (see :func:`cpu_sets`)."""
 
 _POLL_S = 0.02
 _JOIN_S = 2.0  # how long to wait for the output of a stopped worker to drain
@@ -84,6 +94,56 @@ def worker_env(
     )
     env.update(extra or {})
     return env
+
+
+def cpu_sets(n: int, cpus: Collection[int] | None = None) -> list[frozenset[int]]:
+    """The CPUs each of ``n`` workers is bound to, from ``cpus`` (default: those this process may
+    run on, which respects a cgroup's or a SLURM allocation's limits).
+
+    With at least as many CPUs as workers, worker r gets the r-th contiguous block of the sorted
+    CPUs (blocks differ in size by at most one, the larger ones first); with fewer, worker r gets
+    CPU ``r mod len(cpus)`` alone.
+
+        cpu_sets(2, [0, 1, 2, 3])  ->  [{0, 1}, {2, 3}]
+        cpu_sets(3, [0, 1])        ->  [{0}, {1}, {0}]
+    """
+    if n < 1:
+        raise ValueError(f"need at least one worker, got n={n}")
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise ValueError("CPU binding needs Linux (os.sched_getaffinity); use cpu_bind='none'")
+        cpus = os.sched_getaffinity(0)
+    ordered = sorted(set(cpus))
+    if not ordered:
+        raise ValueError("no CPUs to bind workers to")
+    if len(ordered) < n:
+        return [frozenset({ordered[r % len(ordered)]}) for r in range(n)]
+    size, larger = divmod(len(ordered), n)
+    sets = []
+    start = 0
+    for r in range(n):
+        end = start + size + (1 if r < larger else 0)
+        sets.append(frozenset(ordered[start:end]))
+        start = end
+    return sets
+
+
+def _describe_sets(sets: Sequence[Collection[int]]) -> str:
+    return ", ".join(f"rank {r}: CPU {','.join(map(str, sorted(s)))}" for r, s in enumerate(sets))
+
+
+def _preexec(die_with_parent: Callable[[], None] | None, cpus: Collection[int] | None) -> Callable[[], None] | None:
+    """The child's ``preexec_fn``: bind it to ``cpus`` (inherited by its threads and by what it
+    execs), then ask for SIGKILL when the launcher dies."""
+    if cpus is None:
+        return die_with_parent
+
+    def preexec() -> None:
+        os.sched_setaffinity(0, cpus)
+        if die_with_parent is not None:
+            die_with_parent()
+
+    return preexec
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -194,6 +254,7 @@ def run_workers(
     extra_env_for_rank: Callable[[int], Mapping[str, str]] | None = None,
     timeout_s: float | None = None,
     grace_s: float = 5.0,
+    cpu_bind: str = "none",
 ) -> int:
     """Run ``n`` workers of ``argv`` on this machine and return the job's exit code.
 
@@ -206,6 +267,8 @@ def run_workers(
         timeout_s: stop every worker after this many seconds (``None``: no limit).
         grace_s: how long stopped workers get between SIGTERM (or a forwarded signal) and
             SIGKILL.
+        cpu_bind: ``none``, or ``cores`` to bind worker r and its threads to ``cpu_sets(n)[r]``
+            (Linux; the launcher says which CPUs each rank got on stderr).
 
     Returns:
         0 if every worker exited with 0; else the exit code of the first worker that failed
@@ -220,6 +283,11 @@ def run_workers(
     argv = list(argv)
     if not argv:
         raise ValueError("argv is empty: no command to run")
+    if cpu_bind not in CPU_BIND_MODES:
+        raise ValueError(f"cpu_bind must be one of {', '.join(CPU_BIND_MODES)}, got {cpu_bind!r}")
+    bound = cpu_sets(n) if cpu_bind == "cores" else None
+    if bound is not None and not hasattr(os, "sched_setaffinity"):
+        raise ValueError("cpu_bind='cores' needs Linux (os.sched_setaffinity); use cpu_bind='none'")
     base = dict(os.environ if env is None else env)
     port = free_port()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -240,7 +308,9 @@ def run_workers(
     stop_at: float | None = None  # when survivors get SIGKILL; set once stopping begins
     killed_at: float | None = None
     try:
-        preexec = _die_with_parent()
+        die_with_parent = _die_with_parent()
+        if bound is not None:
+            _say(f"binding workers to CPUs: {_describe_sets(bound)}")
         for rank in range(n):
             extra = extra_env_for_rank(rank) if extra_env_for_rank is not None else None
             proc = subprocess.Popen(
@@ -250,7 +320,7 @@ def run_workers(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=preexec,
+                preexec_fn=_preexec(die_with_parent, None if bound is None else bound[rank]),
             )
             procs.append(proc)
             prefix = f"[rank {rank}] ".encode()
@@ -323,7 +393,7 @@ def _stop(procs: Sequence[subprocess.Popen], signum: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pcpp_runtime.launch.local --nproc N [--timeout S] -- COMMAND ...``."""
+    """``python -m pcpp_runtime.launch.local --nproc N [--timeout S] [--cpu-bind cores] -- COMMAND ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m pcpp_runtime.launch.local",
         description="Run N workers of COMMAND on this machine with torchrun-style variables.",
@@ -333,12 +403,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL"
     )
+    parser.add_argument(
+        "--cpu-bind", choices=CPU_BIND_MODES, default="none", help="cores: bind each worker to its share of the CPUs"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
-    return run_workers(args.nproc, command, timeout_s=args.timeout, grace_s=args.grace)
+    return run_workers(args.nproc, command, timeout_s=args.timeout, grace_s=args.grace, cpu_bind=args.cpu_bind)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
     g.add_argument(
+        "--cpu-bind",
+        choices=("none", "cores"),
+        default="none",
+        help="with --nproc and a process transport: bind each worker to its share of the CPUs (default none)",
+    )
+    g.add_argument(
         "--transport",
         default=os.environ.get("PCPP_TRANSPORT", "local"),
         help="local (threads of one process), torch, mpi, zmq or a plugin (default: $PCPP_TRANSPORT or local)",
@@ -140,6 +146,12 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--nproc", type=_positive_int, required=True, help="number of workers")
     p.add_argument("--transport", default=None, help="sets PCPP_TRANSPORT for the workers (pcpp generate's default)")
     p.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
+    p.add_argument(
+        "--cpu-bind",
+        choices=("none", "cores"),
+        default="none",
+        help="cores: bind each worker and its threads to its share of the CPUs (Linux; as mpirun --bind-to core)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=_cmd_launch)
 
@@ -155,7 +167,7 @@ def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     env = dict(os.environ)
     if args.transport:
         env["PCPP_TRANSPORT"] = args.transport
-    return run_workers(args.nproc, command, env=env, timeout_s=args.timeout)
+    return run_workers(args.nproc, command, env=env, timeout_s=args.timeout, cpu_bind=args.cpu_bind)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -214,6 +226,13 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
+    relaunch = args.nproc is not None and "PCPP_LAUNCHER" not in os.environ and args.world_size is None
+    if args.cpu_bind != "none" and (args.grid or args.transport == "local" or not relaunch):
+        parser.error(
+            "--cpu-bind places the worker processes --nproc starts with a process transport (zmq, torch, mpi); "
+            "with threads (--transport local, --grid) or under another launcher it has nothing to bind "
+            "(use mpirun --bind-to core, srun --cpu-bind=cores)"
+        )
     if args.grid:
         return _generate_grid(args, spec, config, parser)
     if args.transport == "local":
@@ -222,20 +241,32 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     if args.transport not in transports:
         parser.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(transports.names())}")
-    if args.nproc is not None and "PCPP_LAUNCHER" not in os.environ and args.world_size is None:
+    if relaunch:
         return _relaunch(args)
     return _generate_on_process(args, spec, config, parser)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE`` (every occurrence)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _relaunch(args) -> int:
     """``--nproc N`` with a process transport: start N workers of this same command."""
     from .launch import run_workers
 
-    argv = list(args.argv)
-    index = argv.index("--nproc") if "--nproc" in argv else next(i for i, a in enumerate(argv) if a.startswith("--nproc="))
-    del argv[index : index + (1 if "=" in argv[index] else 2)]
+    argv = _without_option(_without_option(list(args.argv), "--nproc"), "--cpu-bind")
     command = [sys.executable, "-m", "pcpp_runtime.cli"] + argv + ["--transport", args.transport]
-    return run_workers(args.nproc, command, timeout_s=None)
+    return run_workers(args.nproc, command, timeout_s=None, cpu_bind=args.cpu_bind)
 
 
 def _generate_on_process(args, spec, config, parser) -> int:

@@ -50,6 +50,7 @@ def test_bench_tiny_case_writes_its_files(tmp_path):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
     assert len(data["points"]) == 1 and not data["failures"]
+    assert data["meta"]["cpu_bind"] == "cores"  # the default: each worker on its share of the CPUs
     point = data["points"][0]
     assert point["world_size"] == 2 and point["transport"] == "zmq" and point["label"] == "partial(0.3)"
     assert point["seconds"] > 0 and point["baseline_seconds"] > 0 and point["speedup"] > 0
@@ -65,6 +66,9 @@ def test_bench_tiny_case_writes_its_files(tmp_path):
     assert len(rows) == 1 and rows[0]["label"] == "partial(0.3)"
     text = (out / "results.md").read_text()
     assert "| 32x32 | 2 | partial(0.3) | zmq |" in text and "## Targets" in text
+    assert "each bound to its share of the CPUs" in text
+    logs = "".join(log.read_text() for log in (out / "runs").glob("*/log.txt"))
+    assert "[launcher] binding workers to CPUs: rank 0: CPU" in logs
     pytest.importorskip("matplotlib")
     for name in ("speedup_vs_world.png", "bytes_by_kind.png", "psnr_vs_bytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name

@@ -69,6 +69,7 @@ def test_a_folder_with_the_positional_unet_loads_in_a_fresh_process(tmp_path):
     (["--height", "24", "--nproc", "4"], "at least 32 px or at most 3 rank(s)"),
     (["--height", "60"], "not a multiple of 8 px"),
     (["--scheduler", "nonsense"], "unknown scheduler 'nonsense'"),
+    (["--cpu-bind", "cores"], "--cpu-bind places the worker processes --nproc starts"),  # threads: nothing to bind
 ])
 def test_bad_input_is_a_clear_error_without_traceback(args, message, tiny_sd_path):
     result = run(["generate", "--model", "tiny-sd", "--steps", "2"] + args)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pcpp_runtime.launch import discover, free_port, local, run_workers
-from pcpp_runtime.launch.local import TIMEOUT_EXIT_CODE, worker_env
+from pcpp_runtime.launch.local import TIMEOUT_EXIT_CODE, cpu_sets, worker_env
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -149,9 +149,50 @@ def test_env_argument_replaces_os_environ(capfd):
     assert "[rank 0] yes -" in capfd.readouterr().out
 
 
+# the worker's affinity, and that of a thread it starts afterwards (as torch and libzmq do)
+PRINT_AFFINITY = """
+import os, threading
+seen = []
+thread = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+thread.start(); thread.join()
+print(os.environ["RANK"], sorted(os.sched_getaffinity(0)), seen[0], flush=True)
+"""
+
+
+def test_cpu_sets_split_the_cpus():
+    assert cpu_sets(2, [0, 1, 2, 3]) == [{0, 1}, {2, 3}]
+    assert cpu_sets(3, [4, 0, 1, 2, 3]) == [{0, 1}, {2, 3}, {4}]  # sorted, larger blocks first
+    assert cpu_sets(1, [3, 1]) == [{1, 3}]
+    assert cpu_sets(3, [0, 1]) == [{0}, {1}, {0}]  # fewer CPUs than workers: round robin
+    with pytest.raises(ValueError, match="at least one worker"):
+        cpu_sets(0, [0])
+    with pytest.raises(ValueError, match="no CPUs"):
+        cpu_sets(1, [])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU binding is Linux-only")
+def test_cpu_bind_cores_binds_each_worker_and_its_threads(capfd):
+    n = 3
+    expected = cpu_sets(n)
+    assert run_workers(n, [PY, "-c", PRINT_AFFINITY], cpu_bind="cores", timeout_s=20) == 0
+    out, err = capfd.readouterr()
+    seen = {}
+    for line in out.splitlines():
+        rank, rest = line.split("] ", 1)[1].split(" ", 1)
+        seen[int(rank)] = rest
+    assert seen == {r: f"{sorted(s)} {sorted(s)}" for r, s in enumerate(expected)}
+    assert "[launcher] binding workers to CPUs: rank 0: CPU" in err
+    # without binding every worker may run anywhere this process may
+    assert run_workers(1, [PY, "-c", PRINT_AFFINITY], timeout_s=20) == 0
+    everywhere = sorted(os.sched_getaffinity(0))
+    assert capfd.readouterr().out.strip() == f"[rank 0] 0 {everywhere} {everywhere}"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one worker"):
         run_workers(0, [PY, "-c", "pass"])
+    with pytest.raises(ValueError, match="cpu_bind must be one of none, cores, got 'socket'"):
+        run_workers(1, [PY, "-c", "pass"], cpu_bind="socket")
     with pytest.raises(ValueError, match="argv is empty"):
         run_workers(1, [])
     with pytest.raises(FileNotFoundError):

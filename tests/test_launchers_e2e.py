@@ -9,7 +9,8 @@ one worker, same seed) must be at most 1e-4 and the PNG must equal the one that
 * ``torchrun --nproc-per-node 2`` over ``--transport torch`` (gloo): torchrun's ``MASTER_PORT`` is
   its own TCPStore, already listening, which the torch transport must join (a transport that bound
   it would fail with "address in use"); and over ``zmq``, which must move to another port;
-* ``pcpp launch -n 2 --transport zmq -- pcpp generate``.
+* ``pcpp launch -n 2 --transport zmq --cpu-bind cores -- pcpp generate``, and
+  ``pcpp generate --nproc 2 --transport zmq --cpu-bind cores`` (which starts its own workers).
 
 The helpers here (:func:`one_worker_reference`, :func:`check_job`, :func:`run_job`, ...) are also
 used by ``test_two_hosts.py`` and ``test_slurm.py``.
@@ -241,10 +242,23 @@ def test_torchrun(transport, tmp_path, reference, no_leftovers):
 
 
 @pytest.mark.timeout(200)
+def test_generate_nproc_starts_its_own_bound_workers(tmp_path, reference, no_leftovers):
+    # `pcpp generate --nproc 2 --transport zmq` starts two workers of itself (without --nproc and
+    # --cpu-bind, which the workers would refuse under a launcher)
+    done = run_job([PCPP, "generate", "--nproc", "2", "--transport", "zmq", "--cpu-bind", "cores", *JOB_ARGS, *OUT],
+                   cwd=tmp_path)
+    assert done.returncode == 0, tail(tmp_path / "job.log")
+    check_job(tmp_path, transport="zmq", world_size=2)
+    assert "[launcher] binding workers to CPUs: rank 0: CPU" in done.stdout
+
+
+@pytest.mark.timeout(200)
 def test_pcpp_launch_zmq(tmp_path, reference, no_leftovers):
     # no --transport for generate: `pcpp launch --transport zmq` sets PCPP_TRANSPORT, its default
+    # --cpu-bind cores: each rank on its share of the CPUs (the launcher says which)
     done = run_job([PCPP, "launch", "-n", "2", "--transport", "zmq", "--timeout", str(JOB_TIMEOUT_S - 10),
-                    "--", PCPP, "generate", *JOB_ARGS, *OUT], cwd=tmp_path)
+                    "--cpu-bind", "cores", "--", PCPP, "generate", *JOB_ARGS, *OUT], cwd=tmp_path)
     assert done.returncode == 0, tail(tmp_path / "job.log")
     check_job(tmp_path, transport="zmq", world_size=2)
     assert "[rank 0]   report: r.json" in done.stdout  # rank 0's summary, under the launcher's prefix
+    assert "[launcher] binding workers to CPUs: rank 0: CPU" in done.stdout

@@ -68,6 +68,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="runs of one worker and of the N workers per point, alternating; medians reported (default 1)")
     g.add_argument("--overhead-sizes", type=_ints, default=None, help="latent sizes of the world-size-1 point (default: the smallest)")
     g.add_argument("--overhead-repeats", type=int, default=3, help="stock/wrapped runs each at world size 1 (default 3)")
+    g.add_argument("--cpu-bind", choices=("cores", "none"), default="cores",
+                   help="cores (default): bind each of a point's workers and its threads to its share of the CPUs, "
+                   "as mpirun --bind-to core does; none: let the kernel place them. One worker is never bound")
     g = p.add_argument_group("throttled link (root: two network namespaces joined by a veth pair, tc tbf)")
     g.add_argument("--throttle", type=_names, default=[],
                    help="rates to run 2 workers at, one per namespace, e.g. veth,1gbit,100mbit (veth: no limit)")
@@ -142,6 +145,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         retries=args.retries,
         repeats=args.repeats,
         point_timeout=args.point_timeout,
+        cpu_bind=args.cpu_bind,
         progress=not args.no_progress,
         plots=not args.no_plots,
         skip_grid=args.throttled_only,

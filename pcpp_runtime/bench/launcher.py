@@ -1,6 +1,6 @@
 """Start the N worker processes of one benchmark point with the local launcher.
 
-    python -m pcpp_runtime.bench.launcher --nproc N [--timeout S] \
+    python -m pcpp_runtime.bench.launcher --nproc N [--timeout S] [--cpu-bind cores] \
         [--netns NS0,NS1 --addrs A0,A1] -- COMMAND ...
 
 A thin front of :func:`pcpp_runtime.launch.run_workers` (fresh processes, torchrun-style
@@ -21,6 +21,8 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from pcpp_runtime.launch.local import CPU_BIND_MODES
+
 # rank r's command runs as `sh -c 'exec ip netns exec "$PCPP_BENCH_NETNS" "$@"' pcpp-bench COMMAND...`
 _IN_NETNS = 'exec "$PCPP_BENCH_IP" netns exec "$PCPP_BENCH_NETNS" "$@"'
 
@@ -40,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pcpp_runtime.bench.launcher")
     parser.add_argument("--nproc", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--cpu-bind", choices=CPU_BIND_MODES, default="none", help="cores: one share of the CPUs per rank")
     parser.add_argument("--netns", default=None, help="comma-separated namespace per rank")
     parser.add_argument("--addrs", default=None, help="comma-separated address per rank (with --netns)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -60,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         extra_env = functools.partial(_netns_env, names, addrs)
 
-    return run_workers(args.nproc, command, env=env, extra_env_for_rank=extra_env, timeout_s=args.timeout)
+    return run_workers(
+        args.nproc, command, env=env, extra_env_for_rank=extra_env, timeout_s=args.timeout, cpu_bind=args.cpu_bind
+    )
 
 
 if __name__ == "__main__":

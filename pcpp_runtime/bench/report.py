@@ -202,6 +202,14 @@ def _point_table(records: list[dict[str, Any]], throttled: bool = False) -> list
     return lines
 
 
+def _binding(mode: str | None) -> str:
+    if mode == "cores":
+        return "N workers: each bound to its share of the CPUs with its threads (`--cpu-bind cores`). "
+    if mode == "none":
+        return "N workers: placed by the kernel (`--cpu-bind none`). "
+    return ""  # results written before the option existed
+
+
 def markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
     meta = results["meta"]
     m = meta.get("machine", {})
@@ -214,6 +222,7 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
         f"DDIM, {meta['steps']} steps ({meta['warmup_steps']} warm-up), batch 1 without guidance, float32, seed {meta['seed']}, "
         "one thread per worker. Time: the denoising loop on the slowest rank. One worker: the stock UNet in a fresh "
         f"process, run {'before every point' if meta.get('baseline') == 'per-point' else 'once per latent size'}. "
+        f"{_binding(meta.get('cpu_bind'))}"
         "Bytes: received per rank per step after warm-up, mean over ranks (max when ranks differ). PSNR: final latent "
         "against the one worker's. load1: 1-minute load average before the point; others' CPU: cores used by other "
         "processes during the point ((!) marks a point measured next to other work).",

@@ -6,7 +6,8 @@ A point is (latent size, world size, policy, transport, link). For every point t
 2. runs one worker with the same seed -- the stock UNet, a fresh process -- (``--baseline
    per-point``, the default; ``shared`` runs it once per latent size and link);
 3. runs N fresh workers of :mod:`.worker` (``zmq``/``torch`` through the local launcher, ``mpi``
-   through ``mpiexec``; with a throttled link, one rank per network namespace);
+   through ``mpiexec``; with a throttled link, one rank per network namespace), each bound to its
+   share of the CPUs unless ``--cpu-bind none`` (the one worker of step 2 is never bound);
 4. records the time of the denoising loop on the slowest rank and the speed-up against step 2,
    PSNR of the final latent against step 2's, bytes received per rank per step after warm-up by
    layer kind (the engine's ledger, checked against the transport's own counter and the
@@ -34,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..launch.local import CPU_BIND_MODES
 from . import machine
 from .worker import PROGRESS_PREFIX
 
@@ -125,6 +127,9 @@ class BenchOptions:
     retries: int = 1
     repeats: int = 1  # one worker / N workers runs per point, alternating (medians reported)
     point_timeout: float = 900.0
+    #: ``cores``: each of a point's N workers bound to its share of the CPUs (the local launcher's
+    #: ``--cpu-bind cores``, mpiexec's ``-bind-to core``); ``none``: the kernel places them
+    cpu_bind: str = "cores"
     progress: bool = True
     plots: bool = True
     skip_grid: bool = False  # only the throttled-link points
@@ -302,9 +307,10 @@ class Runner:
             mpiexec = mpiexec_path()
             if mpiexec is None:
                 raise PointFailed("mpiexec not found (pip install mpich, or put an MPI's mpiexec on PATH)")
-            return [mpiexec, "-n", str(point.world), *worker]
+            bind = ["-bind-to", "core"] if self.options.cpu_bind == "cores" else []
+            return [mpiexec, *bind, "-n", str(point.world), *worker]
         argv = [_python(), "-m", "pcpp_runtime.bench.launcher", "--nproc", str(point.world),
-                "--timeout", str(self.options.point_timeout)]
+                "--timeout", str(self.options.point_timeout), "--cpu-bind", self.options.cpu_bind]
         if pair is not None:
             argv += ["--netns", ",".join(pair.names), "--addrs", ",".join(pair.addrs)]
         return argv + ["--", *worker]
@@ -576,6 +582,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
         raise ValueError(f"pcpp bench runs the models bench and tiny, not {options.model!r}")
     if options.baseline not in ("per-point", "shared"):
         raise ValueError(f"--baseline is per-point or shared, got {options.baseline!r}")
+    if options.cpu_bind not in CPU_BIND_MODES:
+        raise ValueError(f"--cpu-bind is one of {', '.join(CPU_BIND_MODES)}, got {options.cpu_bind!r}")
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = MODELS[options.model]
@@ -589,6 +597,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
             "warmup_steps": spec.warmup_steps if options.warmup is None else options.warmup,
             "seed": options.seed,
             "baseline": options.baseline,
+            "cpu_bind": options.cpu_bind,
             "options": _jsonable(dataclasses.asdict(options)),
             "machine": _machine_info(),
         },
