@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/rank_diagnostics.py --latent 64 --policy partial
     .venv/bin/python benchmarks/rank_diagnostics.py --latent 128 --policy full --transport mpi
 
-Runs the N-worker point of ``pcpp bench`` once (the same worker, launched the same way, without
-the one-worker baseline) and prints, per rank:
+Runs the N-worker point of ``pcpp bench`` once (the same worker, launched the same way -- bound
+to cores unless ``--cpu-bind none`` -- without the one-worker baseline) and prints, per rank:
 
 * every thread's CPU seconds (user, system) and voluntary / involuntary context switches, read
   from ``/proc/self/task`` just before the transport closes (so the transport's own threads --
@@ -116,6 +116,8 @@ def main() -> int:
     parser.add_argument("--transport", default="zmq", choices=("zmq", "torch", "mpi"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=4)
+    parser.add_argument("--cpu-bind", choices=("cores", "none"), default="cores",
+                        help="as pcpp bench: each rank on its share of the CPUs (default cores)")
     args = parser.parse_args()
     spec = {"model": "bench", "latent": args.latent, "world": args.world, "policy": args.policy,
             "portion": args.portion, "transport": args.transport, "steps": args.steps,
@@ -123,9 +125,11 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="rank-diagnostics-"))
     me = [sys.executable, __file__, "--worker", "--role", "parallel", "--spec", json.dumps(spec), "--out", str(out)]
     if args.transport == "mpi":
-        launch = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(args.world)]
+        bind = ["-bind-to", "core"] if args.cpu_bind == "cores" else []
+        launch = [str(Path(sys.executable).parent / "mpiexec"), *bind, "-n", str(args.world)]
     else:
-        launch = [sys.executable, "-m", "pcpp_runtime.bench.launcher", "--nproc", str(args.world), "--"]
+        launch = [sys.executable, "-m", "pcpp_runtime.bench.launcher", "--nproc", str(args.world),
+                  "--cpu-bind", args.cpu_bind, "--"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     done = subprocess.run(launch + me, capture_output=True, text=True, env=env, timeout=1200)
     records = {}

@@ -37,7 +37,7 @@ plan)  # the cost model against the throttled runs, and its GPU predictions
     $PCPP plan --no-cfg-parallel --json "$OUT/plan-gpu-nocfg.json"
     $PCPP plan --fixed-ms 5 --json "$OUT/plan-gpu-fixed5ms.json" ;;
 targets)  # the speed-up target points again: three alternating one-worker / N-worker runs each
-    $PCPP bench --policies full,partial:0.3 --worlds 2 --sizes 64,128 --transports zmq --repeats 3 \
+    $PCPP bench --policies full,partial:0.3 --worlds 2 --sizes 64,128 --transports zmq,mpi --repeats 3 \
         --quiet-wait 900 --out "$OUT/targets"
     $PCPP bench --throttled-only --throttle 100mbit --throttle-sizes 128 --throttle-policies full,partial:0.3 \
         --throttle-transports zmq --repeats 3 --quiet-wait 900 --out "$OUT/throttled-targets" ;;
