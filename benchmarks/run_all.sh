@@ -44,7 +44,8 @@ targets)  # the speed-up target points again: three alternating one-worker / N-w
 profile)  # where the time goes: compute of a strip alone, and py-spy over one worker and two
     quiet; $PY benchmarks/strip_compute.py | tee "$OUT/strip_compute.md"
     quiet; $PY benchmarks/profile_point.py --latent 64 --policy partial --out "$OUT/profile-64"
-    quiet; $PY benchmarks/profile_point.py --latent 128 --policy partial --out "$OUT/profile-128" ;;
+    quiet; $PY benchmarks/profile_point.py --latent 128 --policy partial --out "$OUT/profile-128"
+    quiet; $PY benchmarks/exchange_times.py --latent 128 --policy full | tee "$OUT/exchange-times-128-full.txt" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 done
