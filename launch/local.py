@@ -7,9 +7,9 @@ adapter, reporting the source ``local``)::
     RANK=k  WORLD_SIZE=n  LOCAL_RANK=k  LOCAL_WORLD_SIZE=n
     MASTER_ADDR=127.0.0.1  MASTER_PORT=<a free port>  PCPP_LAUNCHER=local
 
-plus ``PYTHONUNBUFFERED=1`` and ``OMP_NUM_THREADS=max(1, cpus // n)`` unless the environment
-already sets them (so lines appear as they are printed and N workers do not each start one
-thread per core). Every line a worker writes to stdout or stderr is copied to ours prefixed
+plus ``PYTHONUNBUFFERED=1`` and ``OMP_NUM_THREADS`` -- the number of CPUs a bound worker has, else
+``max(1, cpus // n)`` -- unless the environment already sets them (so lines appear as they are
+printed and N workers do not each start one thread per core). Every line a worker writes to stdout or stderr is copied to ours prefixed
 with ``[rank k] ``, written in one call so lines of different workers never mix.
 
 Failure handling, in the manner of torchrun and mpirun:
@@ -31,7 +31,7 @@ libzmq's I/O thread) stays on its own share of the CPUs this launcher may use, a
 --bind-to core`` and ``srun --cpu-bind=cores`` place ranks. :func:`cpu_sets` gives the shares:
 contiguous blocks when there are at least as many CPUs as workers, one CPU each round robin when
 there are fewer. Without binding the kernel moves ranks and their I/O threads between cores; on a
-machine where every core computes, that costs the blocking exchanges time (docs/BENCHMARKS.md).
+machine where every core computes, that can cost the blocking exchanges time (docs/BENCHMARKS.md).
 
 Command line: ``python -m pcpp_runtime.launch.local --nproc 4 [--cpu-bind cores] -- pcpp generate ...``.
 """
@@ -78,11 +78,14 @@ def worker_env(
     port: int,
     base: Mapping[str, str],
     extra: Mapping[str, str] | None = None,
+    threads: int | None = None,
 ) -> dict[str, str]:
-    """The environment of worker ``rank`` of ``n``: ``base``, the torchrun variables, ``extra``."""
+    """The environment of worker ``rank`` of ``n``: ``base``, the torchrun variables, ``extra``.
+    ``threads`` is the default ``OMP_NUM_THREADS`` (a bound worker's CPU count); without it, this
+    machine's CPUs divided among the ``n`` workers."""
     env = dict(base)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // n)))
     env.update(
         RANK=str(rank),
         WORLD_SIZE=str(n),
@@ -315,7 +318,7 @@ def run_workers(
             extra = extra_env_for_rank(rank) if extra_env_for_rank is not None else None
             proc = subprocess.Popen(
                 argv,
-                env=worker_env(rank, n, port, base, extra),
+                env=worker_env(rank, n, port, base, extra, None if bound is None else len(bound[rank])),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -155,7 +155,7 @@ import os, threading
 seen = []
 thread = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
 thread.start(); thread.join()
-print(os.environ["RANK"], sorted(os.sched_getaffinity(0)), seen[0], flush=True)
+print(os.environ["RANK"], sorted(os.sched_getaffinity(0)), seen[0], os.environ["OMP_NUM_THREADS"], flush=True)
 """
 
 
@@ -174,18 +174,20 @@ def test_cpu_sets_split_the_cpus():
 def test_cpu_bind_cores_binds_each_worker_and_its_threads(capfd):
     n = 3
     expected = cpu_sets(n)
-    assert run_workers(n, [PY, "-c", PRINT_AFFINITY], cpu_bind="cores", timeout_s=20) == 0
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert run_workers(n, [PY, "-c", PRINT_AFFINITY], env=env, cpu_bind="cores", timeout_s=20) == 0
     out, err = capfd.readouterr()
     seen = {}
     for line in out.splitlines():
         rank, rest = line.split("] ", 1)[1].split(" ", 1)
         seen[int(rank)] = rest
-    assert seen == {r: f"{sorted(s)} {sorted(s)}" for r, s in enumerate(expected)}
+    # each worker, and a thread it starts, on its share; one OpenMP thread per CPU of the share
+    assert seen == {r: f"{sorted(s)} {sorted(s)} {len(s)}" for r, s in enumerate(expected)}
     assert "[launcher] binding workers to CPUs: rank 0: CPU" in err
     # without binding every worker may run anywhere this process may
-    assert run_workers(1, [PY, "-c", PRINT_AFFINITY], timeout_s=20) == 0
+    assert run_workers(1, [PY, "-c", PRINT_AFFINITY], env=dict(env, OMP_NUM_THREADS="7"), timeout_s=20) == 0
     everywhere = sorted(os.sched_getaffinity(0))
-    assert capfd.readouterr().out.strip() == f"[rank 0] 0 {everywhere} {everywhere}"
+    assert capfd.readouterr().out.strip() == f"[rank 0] 0 {everywhere} {everywhere} 7"
 
 
 def test_bad_arguments():
