@@ -167,7 +167,13 @@ def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     env = dict(os.environ)
     if args.transport:
         env["PCPP_TRANSPORT"] = args.transport
+    _check_cpu_bind(args.cpu_bind, parser)
     return run_workers(args.nproc, command, env=env, timeout_s=args.timeout, cpu_bind=args.cpu_bind)
+
+
+def _check_cpu_bind(mode: str, parser: argparse.ArgumentParser) -> None:
+    if mode != "none" and not hasattr(os, "sched_setaffinity"):
+        parser.error(f"--cpu-bind {mode} needs Linux (os.sched_setaffinity); leave it out on {sys.platform}")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -242,6 +248,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.transport not in transports:
         parser.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(transports.names())}")
     if relaunch:
+        _check_cpu_bind(args.cpu_bind, parser)
         return _relaunch(args)
     return _generate_on_process(args, spec, config, parser)
 
