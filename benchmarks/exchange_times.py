@@ -14,6 +14,7 @@ worker process only). Prints, per rank, one row per kind and one column per step
   context, send buffers to reuse);
 * ``post_send`` / ``post_recv`` -- posting the synchronous steps' messages; ``stale_send`` /
   ``stale_recv`` -- posting the next step's context; ``flush`` -- its last batches at step end.
+  The column after the last step is the end of the generation (its posted messages drained).
 
 A blocking call's time is this rank's wait for the slower one plus the message's transit, so the
 sum over both ranks of one kind is what that kind of exchange costs the pair. For ``zmq`` it also
@@ -24,13 +25,12 @@ from __future__ import annotations
 
 import collections
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rank_diagnostics  # noqa: E402
+import rank_diagnostics
 
 _MARK = "@@exchange-times"
 _ENGINE_CALLS = {  # RankRuntime method -> how to name a call from its arguments
@@ -50,8 +50,9 @@ def _install_timers() -> None:
     totals when it exits."""
     import atexit
 
-    from pcpp_runtime.runtime import RankRuntime
     from pcpp_runtime.transports import zeromq
+
+    from pcpp_runtime.runtime import RankRuntime
 
     per_step: dict[tuple[str, int], float] = collections.defaultdict(float)
     durations: dict[str, list[float]] = collections.defaultdict(list)
@@ -115,18 +116,13 @@ def _print(records: list[dict]) -> None:
 
 def main() -> int:
     collected: list[dict] = []
-    run = subprocess.run
 
-    def run_and_collect(argv, **kwargs):  # rank_diagnostics.main starts the job through this
-        done = run(argv, **kwargs)
-        for line in done.stdout.splitlines():
+    def collect(stdout: str) -> None:
+        for line in stdout.splitlines():
             if _MARK in line:
                 collected.append(json.loads(line.split(_MARK, 1)[1]))
-        return done
 
-    subprocess.run = run_and_collect
-    rank_diagnostics.__file__ = __file__  # the workers it starts run this script
-    code = rank_diagnostics.main()
+    code = rank_diagnostics.main(worker_script=__file__, on_output=collect)
     _print(collected)
     return code
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _MARK = "@@rank-diagnostics"
@@ -107,7 +108,9 @@ def worker(argv: list[str]) -> int:
     return bench_worker.main(argv)
 
 
-def main() -> int:
+def main(worker_script: str = __file__, on_output: Callable[[str], None] | None = None) -> int:
+    """Run the point with ``worker_script --worker ...`` on every rank (this file, or a script that
+    wraps :func:`worker`) and print the report; ``on_output`` gets the workers' whole stdout."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--world", type=int, default=2)
@@ -123,7 +126,7 @@ def main() -> int:
             "portion": args.portion, "transport": args.transport, "steps": args.steps,
             "warmup": args.warmup_steps, "seed": 0, "timeout": 600.0}
     out = Path(tempfile.mkdtemp(prefix="rank-diagnostics-"))
-    me = [sys.executable, __file__, "--worker", "--role", "parallel", "--spec", json.dumps(spec), "--out", str(out)]
+    me = [sys.executable, worker_script, "--worker", "--role", "parallel", "--spec", json.dumps(spec), "--out", str(out)]
     if args.transport == "mpi":
         bind = ["-bind-to", "core"] if args.cpu_bind == "cores" else []
         launch = [str(Path(sys.executable).parent / "mpiexec"), *bind, "-n", str(args.world)]
@@ -132,6 +135,8 @@ def main() -> int:
                   "--cpu-bind", args.cpu_bind, "--"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     done = subprocess.run(launch + me, capture_output=True, text=True, env=env, timeout=1200)
+    if on_output is not None:
+        on_output(done.stdout)
     records = {}
     for line in done.stdout.splitlines():
         if _MARK in line:
