@@ -113,8 +113,8 @@ def cpu_sets(n: int, cpus: Collection[int] | None = None) -> list[frozenset[int]
     if n < 1:
         raise ValueError(f"need at least one worker, got n={n}")
     if cpus is None:
-        if not hasattr(os, "sched_getaffinity"):
-            raise ValueError("CPU binding needs Linux (os.sched_getaffinity); use cpu_bind='none'")
+        if not hasattr(os, "sched_getaffinity"):  # (and sched_setaffinity: both are Linux-only)
+            raise ValueError(f"binding workers to CPUs needs Linux (os.sched_getaffinity), not {sys.platform}")
         cpus = os.sched_getaffinity(0)
     ordered = sorted(set(cpus))
     if not ordered:
@@ -289,8 +289,6 @@ def run_workers(
     if cpu_bind not in CPU_BIND_MODES:
         raise ValueError(f"cpu_bind must be one of {', '.join(CPU_BIND_MODES)}, got {cpu_bind!r}")
     bound = cpu_sets(n) if cpu_bind == "cores" else None
-    if bound is not None and not hasattr(os, "sched_setaffinity"):
-        raise ValueError("cpu_bind='cores' needs Linux (os.sched_setaffinity); use cpu_bind='none'")
     base = dict(os.environ if env is None else env)
     port = free_port()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from .launch.local import CPU_BIND_MODES
+
 __all__ = ["main"]
 
 _POLICY_HELP = "conditioning policy: sync (exact), full (DistriFusion), partial (PCPP), none, or a plugin's name"
@@ -74,7 +76,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
     g.add_argument(
         "--cpu-bind",
-        choices=("none", "cores"),
+        choices=CPU_BIND_MODES,
         default="none",
         help="with --nproc and a process transport: bind each worker to its share of the CPUs (default none)",
     )
@@ -148,7 +150,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
     p.add_argument(
         "--cpu-bind",
-        choices=("none", "cores"),
+        choices=CPU_BIND_MODES,
         default="none",
         help="cores: bind each worker and its threads to its share of the CPUs (Linux; as mpirun --bind-to core)",
     )
@@ -157,8 +159,6 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .launch import run_workers
-
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -167,13 +167,18 @@ def _cmd_launch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     env = dict(os.environ)
     if args.transport:
         env["PCPP_TRANSPORT"] = args.transport
-    _check_cpu_bind(args.cpu_bind, parser)
-    return run_workers(args.nproc, command, env=env, timeout_s=args.timeout, cpu_bind=args.cpu_bind)
+    return _run_workers(args.nproc, command, parser, env=env, timeout_s=args.timeout, cpu_bind=args.cpu_bind)
 
 
-def _check_cpu_bind(mode: str, parser: argparse.ArgumentParser) -> None:
-    if mode != "none" and not hasattr(os, "sched_setaffinity"):
-        parser.error(f"--cpu-bind {mode} needs Linux (os.sched_setaffinity); leave it out on {sys.platform}")
+def _run_workers(n: int, command: list[str], parser: argparse.ArgumentParser, **kwargs: Any) -> int:
+    """:func:`run_workers`; what it refuses before starting anything (``--cpu-bind cores`` off
+    Linux) is a usage error."""
+    from .launch import run_workers
+
+    try:
+        return run_workers(n, command, **kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -248,8 +253,7 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.transport not in transports:
         parser.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(transports.names())}")
     if relaunch:
-        _check_cpu_bind(args.cpu_bind, parser)
-        return _relaunch(args)
+        return _relaunch(args, parser)
     return _generate_on_process(args, spec, config, parser)
 
 
@@ -267,13 +271,11 @@ def _without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def _relaunch(args) -> int:
+def _relaunch(args, parser: argparse.ArgumentParser) -> int:
     """``--nproc N`` with a process transport: start N workers of this same command."""
-    from .launch import run_workers
-
     argv = _without_option(_without_option(list(args.argv), "--nproc"), "--cpu-bind")
     command = [sys.executable, "-m", "pcpp_runtime.cli"] + argv + ["--transport", args.transport]
-    return run_workers(args.nproc, command, timeout_s=None, cpu_bind=args.cpu_bind)
+    return _run_workers(args.nproc, command, parser, timeout_s=None, cpu_bind=args.cpu_bind)
 
 
 def _generate_on_process(args, spec, config, parser) -> int:

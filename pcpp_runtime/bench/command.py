@@ -8,6 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..launch.local import CPU_BIND_MODES
+
 __all__ = ["add_parsers"]
 
 
@@ -68,7 +70,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="runs of one worker and of the N workers per point, alternating; medians reported (default 1)")
     g.add_argument("--overhead-sizes", type=_ints, default=None, help="latent sizes of the world-size-1 point (default: the smallest)")
     g.add_argument("--overhead-repeats", type=int, default=3, help="stock/wrapped runs each at world size 1 (default 3)")
-    g.add_argument("--cpu-bind", choices=("cores", "none"), default="cores",
+    g.add_argument("--cpu-bind", choices=CPU_BIND_MODES, default="cores",
                    help="cores (default): bind each of a point's workers and its threads to its share of the CPUs, "
                    "as mpirun --bind-to core does; none: let the kernel place them. One worker is never bound")
     g = p.add_argument_group("throttled link (root: two network namespaces joined by a veth pair, tc tbf)")
