@@ -8,6 +8,9 @@
   and little CPU.
 * :class:`PendingSends` keeps fire-and-forget sends (object messages) and their buffers alive until
   they complete.
+* :func:`unpack_object` decodes a received object message (msgpack only, never a pickle).
+* :class:`PeerWork` is the base of the handles for one operation with one peer: it keeps what their
+  errors name and turns ``wait``'s ``timeout`` into a limit.
 """
 
 from __future__ import annotations
@@ -17,18 +20,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import numpy as np
 import torch
 
-from .base import COLLECTIVE_TAG_BASE
+from .base import COLLECTIVE_TAG_BASE, Transport, TransportError, TransportTimeout, Work
 
 __all__ = [
     "COLLECTIVE_TAG_SPAN",
     "OBJECT_TAG",
+    "PeerWork",
     "PendingSends",
     "check_tag",
     "host_bytes",
     "poll_until",
+    "unpack_object",
 ]
 
 #: The default collectives use tags in ``[COLLECTIVE_TAG_BASE, COLLECTIVE_TAG_BASE + span)``.
@@ -52,6 +58,41 @@ def check_tag(tag: int, op: str, describe: Callable[..., str], limit: int = 1 <<
     """Reject tags that are not ints in ``[0, limit)``."""
     if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < limit:
         raise ValueError(f"{describe(op=op)}: tag must be an int in [0, {limit}), got {tag!r}")
+
+
+class PeerWork(Work):
+    """Base of a process transport's handle for one operation with one peer.
+
+    Keeps what the handle's errors name (``op``, e.g. ``"recv tag 5"``, and the ``peer`` rank) and
+    ``on_done``, which the subclass runs once the operation has completed.
+    """
+
+    def __init__(self, transport: Transport, op: str, peer: int, on_done: Callable[[], None] | None = None) -> None:
+        self._transport = transport
+        self._op = op
+        self._peer = peer
+        self._on_done = on_done
+
+    def describe(self) -> str:
+        """Prefix for this operation's error messages: transport, this rank, the peer, the operation."""
+        return self._transport.describe(self._peer, self._op)
+
+    def _limit(self, timeout: float | None) -> float:
+        """Seconds ``wait(timeout)`` may block: ``timeout``, or the transport's default for ``None``."""
+        return self._transport.timeout_s if timeout is None else max(0.0, float(timeout))
+
+    def _timed_out(self, limit: float, what: str = "not complete", note: str = "") -> TransportTimeout:
+        """The error of a wait that gave up after ``limit`` seconds."""
+        return TransportTimeout(f"{self.describe()}: {what} after {limit:.1f} s{note}")
+
+
+def unpack_object(data: bytes, src: int, describe: Callable[..., str]) -> Any:
+    """The object in an object message from rank ``src``; malformed msgpack raises
+    :class:`~.base.TransportError` naming the peer. Nothing is ever unpickled."""
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # noqa: BLE001 - malformed msgpack
+        raise TransportError(f"{describe(src, 'recv_object')}: malformed msgpack object: {exc}") from exc
 
 
 def poll_until(test: Callable[[], bool], deadline: float, spin_s: float = 2e-4) -> bool:

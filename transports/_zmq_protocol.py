@@ -9,6 +9,10 @@ pickle, malformed msgpack, an unknown kind or field, a bool where an int belongs
 Kinds: ``t`` tensor header (followed by the raw payload frame), ``o`` object (followed by msgpack
 bytes), ``bye``, ``hello``/``ack``/``reject`` (peer handshake), ``reg``/``table``/``rdv_reject``
 (rendezvous with rank 0).
+
+A rank says which job it belongs to twice: in ``reg`` (to rank 0) and in ``hello`` (to every peer).
+Both carry the fields of :func:`identity`, and the receiving rank checks them with
+:func:`identity_mismatch`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Rejected",
     "decode",
+    "identity",
+    "identity_mismatch",
     "looks_like_pickle",
     "pack",
 ]
@@ -71,6 +77,26 @@ class Rejected(Exception):
 
 def pack(kind: str, **fields: Any) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "k": kind, **fields}, use_bin_type=True)
+
+
+def identity(world_size: int, config_hash: str) -> dict[str, Any]:
+    """The fields by which a ``reg`` or ``hello`` says which job its sender belongs to."""
+    return {"magic": MAGIC, "world_size": world_size, "config_hash": config_hash}
+
+
+def identity_mismatch(msg: dict[str, Any], world_size: int, config_hash: str, whose: str) -> str:
+    """Why a decoded ``reg`` or ``hello`` belongs to another job than the receiving rank's, or
+    ``""`` if it does not (:func:`decode` has already checked the protocol version).
+
+    ``whose`` names the receiving rank in the reason, e.g. ``"rank 0's"`` or ``"this rank's"``.
+    """
+    if msg["magic"] != MAGIC:
+        return f"not a pcpp zmq peer (magic {msg['magic']!r})"
+    if msg["world_size"] != world_size:
+        return f"world_size {msg['world_size']} does not match {whose} {world_size}"
+    if msg["config_hash"] != config_hash:
+        return f"config_hash {msg['config_hash']!r} does not match {whose} {config_hash!r}"
+    return ""
 
 
 def looks_like_pickle(data: bytes) -> bool:

@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from ._zmq_protocol import MAGIC, Rejected, decode, pack
+from ._zmq_protocol import Rejected, decode, identity, identity_mismatch, pack
 from .base import TransportError, TransportTimeout
 
 if TYPE_CHECKING:
@@ -86,12 +86,10 @@ def _master(t: ZmqTransport, ctx: Any, deadline: float) -> tuple[str, list[str]]
 
 
 def _check_registration(t: ZmqTransport, reg: dict[str, Any], identities: dict[int, bytes]) -> str:
-    if reg["magic"] != MAGIC:
-        return f"not a pcpp zmq peer (magic {reg['magic']!r})"
-    if reg["world_size"] != t.world_size:
-        return f"world_size {reg['world_size']} does not match rank 0's {t.world_size}"
-    if reg["config_hash"] != t.config_hash:
-        return f"config_hash {reg['config_hash']!r} does not match rank 0's {t.config_hash!r}"
+    """Rank 0: why it refuses this registration, or ``""``."""
+    mismatch = identity_mismatch(reg, t.world_size, t.config_hash, "rank 0's")
+    if mismatch:
+        return mismatch
     if not 1 <= reg["rank"] < t.world_size:
         return f"rank {reg['rank']} is not in [1, {t.world_size})"
     if reg["rank"] in identities:
@@ -107,11 +105,7 @@ def _worker(t: ZmqTransport, ctx: Any, deadline: float) -> tuple[str, list[str]]
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(address)
-        sock.send(
-            pack(
-                "reg", magic=MAGIC, rank=t.rank, world_size=t.world_size, config_hash=t.config_hash, endpoint=t.endpoint
-            )
-        )
+        sock.send(pack("reg", rank=t.rank, endpoint=t.endpoint, **identity(t.world_size, t.config_hash)))
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
             raise TransportTimeout(

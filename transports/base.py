@@ -157,8 +157,13 @@ def tensor_nbytes(buf: torch.Tensor) -> int:
 class Transport(abc.ABC):
     """One rank's endpoint of a job's communication.
 
-    Subclasses implement :meth:`isend`, :meth:`irecv`, the object path and :meth:`close`;
-    the collectives have default implementations on top of point-to-point messages.
+    Subclasses implement :meth:`isend`, :meth:`irecv` and the object path, and release what
+    they hold in :meth:`_close`; the collectives have default implementations on top of
+    point-to-point messages.
+
+    Lifecycle: a process transport's ``connect()`` joins the job and sets ``_connected``; every
+    operation calls :meth:`_require` first, which refuses a transport that is not connected or
+    already closed. :meth:`close` marks the transport closed and calls :meth:`_close` once.
 
     Attributes:
         name: the registered name (``"local"``, ``"torch"``, ``"mpi"``, ``"zmq"``, ...).
@@ -182,6 +187,8 @@ class Transport(abc.ABC):
         self.timeout_s = float(timeout_s)
         self.counters = ByteCounters()
         self._collective_seq = 0
+        self._connected = False  # set by the connect() of transports that have one
+        self._closed = False
 
     # ----------------------------------------------------------------- point to point
     @abc.abstractmethod
@@ -203,9 +210,26 @@ class Transport(abc.ABC):
         """Receive the next object sent by ``src``."""
 
     # ----------------------------------------------------------------- lifecycle
-    @abc.abstractmethod
     def close(self) -> None:
-        """Release sockets, communicators and threads. Safe to call twice."""
+        """Release sockets, communicators and threads. Safe to call twice: the first call marks
+        the transport closed (so every later operation is refused) and then, if the transport
+        was connected, calls :meth:`_close`; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._connected:
+            self._close()
+
+    def _close(self) -> None:
+        """Release this transport's own resources; called once, by the first :meth:`close` of a
+        connected transport, after it is marked closed (so a thread inside an operation stops at
+        its next check). Nothing to release by default."""
+
+    def _require(self, op: str) -> None:
+        """Refuse ``op`` unless the transport is connected and not closed."""
+        if not self._connected or self._closed:
+            state = "closed" if self._closed else "not connected (call connect() first)"
+            raise TransportError(f"{self.describe(op=op)}: transport is {state}")
 
     def __enter__(self) -> "Transport":
         return self
@@ -227,6 +251,12 @@ class Transport(abc.ABC):
             raise ValueError(
                 f"{self.describe(op=op)}: peer must be another rank in [0, {self.world_size}), got {peer}"
             )
+
+    def _check_message(self, buf: torch.Tensor, peer: int, op: str) -> None:
+        """Refuse a point-to-point ``op`` whose buffer is not a contiguous tensor or whose peer
+        is not another rank of the job."""
+        _check_buffer(buf, op)
+        self._check_peer(peer, op)
 
     # ----------------------------------------------------------------- collectives
     def _next_collective_tag(self) -> int:

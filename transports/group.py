@@ -22,7 +22,8 @@ __all__ = ["GroupTransport"]
 class GroupTransport(Transport):
     """Ranks ``ranks`` of ``parent`` (which must include ``parent.rank``), renumbered from 0.
 
-    The parent stays owned by the caller: closing the group closes nothing.
+    The parent stays owned by the caller: closing the group releases nothing (the inherited
+    :meth:`~.base.Transport.close` only marks the group closed).
     """
 
     def __init__(self, parent: Transport, ranks: Sequence[int]) -> None:
@@ -52,6 +53,3 @@ class GroupTransport(Transport):
     def recv_object(self, src: int, timeout: float | None = None) -> Any:
         self._check_peer(src, "recv_object")
         return self.parent.recv_object(self.ranks[src], timeout)
-
-    def close(self) -> None:
-        """Nothing to release: the parent owns the connections."""

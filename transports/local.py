@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import torch
 
-from .base import CompletedWork, PeerFailed, Transport, TransportTimeout, Work, _check_buffer, tensor_nbytes
+from .base import CompletedWork, PeerFailed, Transport, TransportTimeout, Work, tensor_nbytes
 
 __all__ = ["LocalFabric", "LocalTransport"]
 
@@ -88,18 +88,21 @@ class LocalFabric:
 
 
 class LocalTransport(Transport):
-    """One rank of a :class:`LocalFabric`. ``wait`` means host completion (copies are done)."""
+    """One rank of a :class:`LocalFabric`. ``wait`` means host completion (copies are done).
+
+    It is connected from the start and holds nothing to release (the fabric belongs to the
+    caller): ``close`` only marks this endpoint closed.
+    """
 
     name = "local"
 
     def __init__(self, fabric: LocalFabric, rank: int, timeout_s: float = 60.0) -> None:
         super().__init__(rank, fabric.world_size, timeout_s)
         self.fabric = fabric
-        self._closed = False
+        self._connected = True  # the fabric is the connection: usable from the start
 
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Work:
-        _check_buffer(buf, "isend")
-        self._check_peer(dst, "isend")
+        self._check_message(buf, dst, "isend")
         fabric = self.fabric
         key = (self.rank, dst, tag)
         nbytes = tensor_nbytes(buf)
@@ -118,8 +121,7 @@ class LocalTransport(Transport):
         return CompletedWork()
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Work:
-        _check_buffer(buf, "irecv")
-        self._check_peer(src, "irecv")
+        self._check_message(buf, src, "irecv")
         fabric = self.fabric
         key = (src, self.rank, tag)
         work = _RecvWork(self, buf, src, tag)
@@ -159,9 +161,6 @@ class LocalTransport(Transport):
             data = box.popleft()
         self.counters.add_received(0, len(data))
         return msgpack.unpackb(data, raw=False)
-
-    def close(self) -> None:
-        self._closed = True
 
 
 def _copy_into(recv: _RecvWork, payload: torch.Tensor, transport: Transport, peer: int) -> None:

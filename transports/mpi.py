@@ -40,8 +40,8 @@ from typing import Any
 import msgpack
 import torch
 
-from ._common import COLLECTIVE_TAG_SPAN, PendingSends, host_bytes, poll_until
-from .base import COLLECTIVE_TAG_BASE, Transport, TransportError, TransportTimeout, Work, _check_buffer, tensor_nbytes
+from ._common import COLLECTIVE_TAG_SPAN, PeerWork, PendingSends, host_bytes, poll_until, unpack_object
+from .base import COLLECTIVE_TAG_BASE, Transport, TransportError, TransportTimeout, Work, tensor_nbytes
 
 __all__ = ["MPITransport", "install_abort_on_error"]
 
@@ -96,8 +96,10 @@ class _HostPool:
             self._free[buf.numel()].append(buf)
 
 
-class _MPIWork(Work):
+class _MPIWork(PeerWork):
     """One MPI request; ``wait`` polls ``Test()`` until a deadline."""
+
+    _transport: MPITransport
 
     def __init__(
         self,
@@ -109,12 +111,9 @@ class _MPIWork(Work):
         on_done: Callable[[], None] | None = None,
         keep_alive: Any = None,
     ) -> None:
-        self._t = transport
+        super().__init__(transport, op, peer, on_done)
         self._req = request
-        self._op = op
-        self._peer = peer
         self._expected = expected_nbytes
-        self._on_done = on_done
         self._keep_alive = keep_alive
         self._status = transport._MPI.Status()
         self._state = 0  # 0 pending, 1 done
@@ -127,18 +126,18 @@ class _MPIWork(Work):
                 return True
             try:
                 flag = self._req.Test(self._status)
-            except self._t._MPI.Exception as exc:
-                self._error = TransportError(f"{self._t.describe(self._peer, self._op)}: MPI error: {exc}")
+            except self._transport._MPI.Exception as exc:
+                self._error = TransportError(f"{self.describe()}: MPI error: {exc}")
                 self._state = 1
                 return True
             if not flag:
                 return False
             self._state = 1
             if self._expected is not None:
-                got = self._status.Get_count(self._t._MPI.BYTE)
+                got = self._status.Get_count(self._transport._MPI.BYTE)
                 if got != self._expected:
                     self._error = TransportError(
-                        f"{self._t.describe(self._peer, self._op)}: message of {got} bytes "
+                        f"{self.describe()}: message of {got} bytes "
                         f"does not fit receive buffer of {self._expected} bytes"
                     )
                     return True
@@ -154,9 +153,9 @@ class _MPIWork(Work):
         return self._test()
 
     def wait(self, timeout: float | None = None) -> None:
-        limit = self._t.timeout_s if timeout is None else max(0.0, float(timeout))
+        limit = self._limit(timeout)
         if not poll_until(self._test, time.monotonic() + limit):
-            raise TransportTimeout(f"{self._t.describe(self._peer, self._op)}: not complete after {limit:.1f} s")
+            raise self._timed_out(limit)
         if self._error is not None:
             raise self._error
 
@@ -193,8 +192,6 @@ class MPITransport(Transport):
         self._pool = _HostPool()
         self._pending = PendingSends(self.timeout_s)
         self._object_lock = threading.Lock()
-        self._connected = False
-        self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
     def connect(self) -> MPITransport:
@@ -220,12 +217,8 @@ class MPITransport(Transport):
         self._connected = True
         return self
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if not self._connected:
-            return
+    def _close(self) -> None:
+        """Give pending object sends up to 2 s, then free the communicators (MPI stays initialised)."""
         self._pending.drain(time.monotonic() + min(self.timeout_s, 2.0))
         for comm in (self._data, self._coll, self._obj):
             try:
@@ -234,10 +227,12 @@ class MPITransport(Transport):
                 pass
 
     # ----------------------------------------------------------------- helpers
-    def _require(self, op: str) -> None:
-        if not self._connected or self._closed:
-            state = "closed" if self._closed else "not connected (call connect() first)"
-            raise TransportError(f"{self.describe(op=op)}: transport is {state}")
+    def _checked_route(self, buf: torch.Tensor, peer: int, tag: int, op: str) -> tuple[Any, int]:
+        """Check a point-to-point call's buffer, peer and state; its (communicator, MPI tag)."""
+        self._check_message(buf, peer, op)
+        self._check_device(buf, op)
+        self._require(op)
+        return self._route(tag, op)
 
     def _route(self, tag: int, op: str) -> tuple[Any, int]:
         """(communicator, MPI tag) for a transport tag."""
@@ -263,72 +258,56 @@ class MPITransport(Transport):
             flat = flat.view(torch.uint8)
         return flat.view(torch.uint8)
 
+    def _wire_memory(self, buf: torch.Tensor, nbytes: int) -> tuple[Any, torch.Tensor | None]:
+        """(the memory MPI reads or writes for ``buf``, the pinned staging buffer or ``None``).
+
+        A CPU buffer travels from its own memory, a CUDA buffer too when MPI is CUDA-aware (after
+        the current stream is synchronised); otherwise a pinned host buffer from the pool stands
+        in, and the caller copies between it and the device."""
+        if buf.device.type == "cpu":
+            return host_bytes(buf), None
+        if self.cuda_aware:
+            torch.cuda.current_stream(buf.device).synchronize()
+            return self._device_bytes(buf), None
+        host = self._pool.take(nbytes)
+        return host.numpy(), host
+
+    def _post(self, start: Callable[..., Any], mem: Any, peer: int, mtag: int, op: str) -> Any:
+        """``start`` (a communicator's ``Isend`` or ``Irecv``) on ``mem``; MPI errors name the peer."""
+        MPI = self._MPI
+        try:
+            return start([mem, MPI.BYTE], peer, mtag)
+        except MPI.Exception as exc:
+            raise TransportError(f"{self.describe(peer, op)}: MPI error: {exc}") from exc
+
     # ----------------------------------------------------------------- point to point
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Work:
-        _check_buffer(buf, "isend")
-        self._check_peer(dst, "isend")
-        self._check_device(buf, "isend")
-        self._require("isend")
-        comm, mtag = self._route(tag, "isend")
-        MPI = self._MPI
+        comm, mtag = self._checked_route(buf, dst, tag, "isend")
         nbytes = tensor_nbytes(buf)
         op = f"send tag {tag}"
-        keep: Any = buf
+        mem, host = self._wire_memory(buf, nbytes)
         on_done = None
-        if buf.device.type == "cpu":
-            mem: Any = host_bytes(buf)
-        elif self.cuda_aware:
-            torch.cuda.current_stream(buf.device).synchronize()
-            mem = self._device_bytes(buf)
-        else:
-            host = self._pool.take(nbytes)
+        if host is not None:  # staged: device -> pinned host before MPI reads it
             host.copy_(self._device_bytes(buf))
-            mem, keep = host.numpy(), host
             on_done = lambda: self._pool.give(host)  # noqa: E731
-        try:
-            req = comm.Isend([mem, MPI.BYTE], dst, mtag)
-        except MPI.Exception as exc:
-            raise TransportError(f"{self.describe(dst, op)}: MPI error: {exc}") from exc
+        req = self._post(comm.Isend, mem, dst, mtag, op)
         self.counters.add_sent(nbytes)
-        return _MPIWork(self, req, op, dst, on_done=on_done, keep_alive=(keep, mem))
+        return _MPIWork(self, req, op, dst, on_done=on_done, keep_alive=(buf, host, mem))
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Work:
-        _check_buffer(buf, "irecv")
-        self._check_peer(src, "irecv")
-        self._check_device(buf, "irecv")
-        self._require("irecv")
-        comm, mtag = self._route(tag, "irecv")
-        MPI = self._MPI
+        comm, mtag = self._checked_route(buf, src, tag, "irecv")
         nbytes = tensor_nbytes(buf)
         op = f"recv tag {tag}"
-        if buf.device.type == "cpu":
-            mem: Any = host_bytes(buf)
-            keep: Any = buf
+        mem, host = self._wire_memory(buf, nbytes)
 
-            def on_done() -> None:
-                self.counters.add_received(nbytes)
-
-        elif self.cuda_aware:
-            torch.cuda.current_stream(buf.device).synchronize()
-            mem = keep = self._device_bytes(buf)
-
-            def on_done() -> None:
-                self.counters.add_received(nbytes)
-
-        else:
-            host = self._pool.take(nbytes)
-            mem, keep = host.numpy(), host
-
-            def on_done() -> None:
+        def on_done() -> None:
+            if host is not None:  # staged: pinned host -> device once MPI has written it
                 self._device_bytes(buf).copy_(host)
                 self._pool.give(host)
-                self.counters.add_received(nbytes)
+            self.counters.add_received(nbytes)
 
-        try:
-            req = comm.Irecv([mem, MPI.BYTE], src, mtag)
-        except MPI.Exception as exc:
-            raise TransportError(f"{self.describe(src, op)}: MPI error: {exc}") from exc
-        return _MPIWork(self, req, op, src, expected_nbytes=nbytes, on_done=on_done, keep_alive=(keep, mem))
+        req = self._post(comm.Irecv, mem, src, mtag, op)
+        return _MPIWork(self, req, op, src, expected_nbytes=nbytes, on_done=on_done, keep_alive=(buf, host, mem))
 
     # ----------------------------------------------------------------- objects
     def send_object(self, obj: Any, dst: int) -> None:
@@ -362,7 +341,4 @@ class MPITransport(Transport):
             data = bytearray(n)
             found[0].Recv([data, MPI.BYTE])
         self.counters.add_received(0, n)
-        try:
-            return msgpack.unpackb(bytes(data), raw=False)
-        except Exception as exc:  # noqa: BLE001 - malformed msgpack
-            raise TransportError(f"{self.describe(src, 'recv_object')}: malformed msgpack object: {exc}") from exc
+        return unpack_object(bytes(data), src, self.describe)

@@ -56,16 +56,8 @@ from typing import Any
 import msgpack
 import torch
 
-from ._common import OBJECT_TAG, PendingSends, check_tag, poll_until
-from .base import (
-    PeerFailed,
-    Transport,
-    TransportError,
-    TransportTimeout,
-    Work,
-    _check_buffer,
-    tensor_nbytes,
-)
+from ._common import OBJECT_TAG, PeerWork, PendingSends, check_tag, poll_until, unpack_object
+from .base import PeerFailed, Transport, TransportError, TransportTimeout, Work, tensor_nbytes
 
 __all__ = ["TorchDistTransport"]
 
@@ -73,12 +65,14 @@ __all__ = ["TorchDistTransport"]
 MAX_OBJECT_BYTES = 64 << 20
 
 
-class _TorchWork(Work):
+class _TorchWork(PeerWork):
     """Wraps ``torch.distributed`` Work handles and maps their errors to transport errors.
 
     ``works`` is None for an NCCL operation not launched yet: the first ``wait`` or
     ``is_completed`` launches every queued NCCL operation of this rank as one batch.
     """
+
+    _transport: TorchDistTransport
 
     def __init__(
         self,
@@ -89,12 +83,9 @@ class _TorchWork(Work):
         backend: str,
         on_done: Callable[[], None] | None = None,
     ) -> None:
-        self._transport = transport
+        super().__init__(transport, op, peer, on_done)
         self._works = works
-        self._op = op
-        self._peer = peer
         self._backend = backend
-        self._on_done = on_done
         self._done = False
 
     def _attach(self, works: list[Any]) -> None:
@@ -113,14 +104,13 @@ class _TorchWork(Work):
     def wait(self, timeout: float | None = None) -> None:
         if self._done:
             return
-        t = self._transport
-        limit = t.timeout_s if timeout is None else max(0.0, float(timeout))
+        limit = self._limit(timeout)
         deadline = time.monotonic() + limit
         try:
             works = self._launched()
             if self._backend == "nccl":
                 if not poll_until(lambda: all(w.is_completed() for w in works), deadline):
-                    raise TransportTimeout(f"{t.describe(self._peer, self._op)}: not complete after {limit:.1f} s")
+                    raise self._timed_out(limit)
                 for w in works:
                     w.wait()
             else:
@@ -130,7 +120,7 @@ class _TorchWork(Work):
         except TransportError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/DistError subclasses
-            raise t._map_error(exc, self._peer, self._op, limit) from exc
+            raise self._transport._map_error(exc, self._peer, self._op, limit) from exc
         self._done = True
         if self._on_done is not None:
             self._on_done()
@@ -192,8 +182,6 @@ class TorchDistTransport(Transport):
         self._nccl_lock = threading.Lock()
         self._nccl_queue: list[tuple[Any, _TorchWork]] = []
         self._pending = PendingSends(self.timeout_s)
-        self._connected = False
-        self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
     def connect(self) -> TorchDistTransport:
@@ -237,12 +225,8 @@ class TorchDistTransport(Transport):
         self._connected = True
         return self
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if not self._connected:
-            return
+    def _close(self) -> None:
+        """Give pending object sends up to 2 s, then destroy the process group."""
         self._pending.drain(time.monotonic() + min(self.timeout_s, 2.0))
         dist = self._dist
         if dist.is_initialized():
@@ -252,11 +236,11 @@ class TorchDistTransport(Transport):
                 pass
 
     # ----------------------------------------------------------------- helpers
-    def _require(self, op: str) -> Any:
-        if not self._connected or self._closed:
-            state = "closed" if self._closed else "not connected (call connect() first)"
-            raise TransportError(f"{self.describe(op=op)}: transport is {state}")
-        return self._dist
+    def _check_point_to_point(self, buf: torch.Tensor, peer: int, tag: int, op: str) -> None:
+        """Refuse a bad buffer, peer, tag or device before anything is posted."""
+        self._check_message(buf, peer, op)
+        check_tag(tag, op, self.describe)
+        self._check_device(buf, op)
 
     def _check_device(self, buf: torch.Tensor, op: str) -> None:
         if buf.device.type != self.device.type:
@@ -272,24 +256,19 @@ class TorchDistTransport(Transport):
 
     # ----------------------------------------------------------------- point to point
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Work:
-        _check_buffer(buf, "isend")
-        self._check_peer(dst, "isend")
-        check_tag(tag, "isend", self.describe)
-        self._check_device(buf, "isend")
+        self._check_point_to_point(buf, dst, tag, "isend")
         work = self._post("isend", buf, dst, tag, f"send tag {tag}", None)
         self.counters.add_sent(tensor_nbytes(buf))
         return work
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Work:
-        _check_buffer(buf, "irecv")
-        self._check_peer(src, "irecv")
-        check_tag(tag, "irecv", self.describe)
-        self._check_device(buf, "irecv")
+        self._check_point_to_point(buf, src, tag, "irecv")
         nbytes = tensor_nbytes(buf)
         return self._post("irecv", buf, src, tag, f"recv tag {tag}", lambda: self.counters.add_received(nbytes))
 
     def _post(self, kind: str, buf: torch.Tensor, peer: int, tag: int, op: str, on_done: Any) -> _TorchWork:
-        dist = self._require(kind)
+        self._require(kind)
+        dist = self._dist
         fn = dist.isend if kind == "isend" else dist.irecv
         if self.backend == "gloo" and buf.device.type != "cpu":  # gloo reads and writes host memory only
             if kind == "isend":
@@ -339,7 +318,8 @@ class TorchDistTransport(Transport):
     # ----------------------------------------------------------------- objects
     def send_object(self, obj: Any, dst: int) -> None:
         self._check_peer(dst, "send_object")
-        dist = self._require("send_object")
+        self._require("send_object")
+        dist = self._dist
         data = msgpack.packb(obj, use_bin_type=True)
         header = torch.tensor([len(data)], dtype=torch.int64)
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -360,21 +340,21 @@ class TorchDistTransport(Transport):
 
     def recv_object(self, src: int, timeout: float | None = None) -> Any:
         self._check_peer(src, "recv_object")
-        dist = self._require("recv_object")
+        self._require("recv_object")
         limit = self.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
         with self._object_lock:
             header = torch.zeros(1, dtype=torch.int64)
-            work = dist.irecv(header, src, group=self._object_group, tag=OBJECT_TAG)
-            _TorchWork(self, [work], "recv_object (header)", src, "gloo").wait(max(0.0, deadline - time.monotonic()))
+            self._recv_object_part(header, src, "header", deadline)
             n = int(header.item())
             if not 0 < n <= MAX_OBJECT_BYTES:
                 raise TransportError(f"{self.describe(src, 'recv_object')}: bad object length {n}")
             payload = torch.empty(n, dtype=torch.uint8)
-            work = dist.irecv(payload, src, group=self._object_group, tag=OBJECT_TAG)
-            _TorchWork(self, [work], "recv_object (body)", src, "gloo").wait(max(0.0, deadline - time.monotonic()))
+            self._recv_object_part(payload, src, "body", deadline)
         self.counters.add_received(0, 8 + n)
-        try:
-            return msgpack.unpackb(payload.numpy().tobytes(), raw=False)
-        except Exception as exc:  # noqa: BLE001 - malformed msgpack
-            raise TransportError(f"{self.describe(src, 'recv_object')}: malformed msgpack object: {exc}") from exc
+        return unpack_object(payload.numpy().tobytes(), src, self.describe)
+
+    def _recv_object_part(self, buf: torch.Tensor, src: int, part: str, deadline: float) -> None:
+        """Receive one part of an object message (``header`` or ``body``) on the object group."""
+        work = self._dist.irecv(buf, src, group=self._object_group, tag=OBJECT_TAG)
+        _TorchWork(self, [work], f"recv_object ({part})", src, "gloo").wait(max(0.0, deadline - time.monotonic()))

@@ -67,32 +67,33 @@ import msgpack
 import numpy as np
 import torch
 
-from ._common import check_tag, host_bytes
+from ._common import PeerWork, check_tag, host_bytes, unpack_object
 from ._zmq_protocol import (
     DTYPE_NAMES,
     DTYPES,
-    MAGIC,
     MAX_OBJECT,
     MAX_REJECTIONS,
     PROTOCOL_VERSION,
     Rejected,
     decode,
+    identity,
+    identity_mismatch,
     pack,
 )
 from ._zmq_rendezvous import rendezvous
-from .base import PeerFailed, Transport, TransportError, TransportTimeout, Work, _check_buffer, tensor_nbytes
+from .base import PeerFailed, Transport, TransportError, TransportTimeout, Work, tensor_nbytes
 
 __all__ = ["PROTOCOL_VERSION", "ZmqTransport"]
 
 logger = logging.getLogger(__name__)
 
 
-class _SendWork(Work):
+class _SendWork(PeerWork):
+    _transport: ZmqTransport
+
     def __init__(self, transport: ZmqTransport, tracker: Any, dst: int, tag: int) -> None:
-        self._t = transport
+        super().__init__(transport, f"send tag {tag}", dst)
         self._tracker = tracker
-        self._dst = dst
-        self._tag = tag
 
     def is_completed(self) -> bool:
         return self._tracker is None or bool(self._tracker.done)
@@ -100,30 +101,29 @@ class _SendWork(Work):
     def wait(self, timeout: float | None = None) -> None:
         import zmq
 
-        t = self._t
-        limit = t.timeout_s if timeout is None else max(0.0, float(timeout))
+        t = self._transport
+        limit = self._limit(timeout)
         deadline = time.monotonic() + limit
-        op = f"send tag {self._tag}"
         while not self.is_completed():
             # libzmq releases the buffer from its own I/O thread; draining inbound messages here
             # lets a goodbye or a dropped connection from the peer end the wait early
             t._progress(0.0)
-            t._raise_if_broken(self._dst, op)
+            t._raise_if_broken(self._peer, self._op)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TransportTimeout(f"{t.describe(self._dst, op)}: not sent after {limit:.1f} s")
+                raise self._timed_out(limit, "not sent")
             try:
                 self._tracker.wait(min(remaining, 0.05))
             except zmq.NotDone:
                 pass
 
 
-class _RecvWork(Work):
+class _RecvWork(PeerWork):
+    _transport: ZmqTransport
+
     def __init__(self, transport: ZmqTransport, buf: torch.Tensor, src: int, tag: int) -> None:
-        self._t = transport
+        super().__init__(transport, f"recv tag {tag}", src)
         self.buf = buf
-        self.src = src
-        self.tag = tag
         self._event = threading.Event()
         self.error: BaseException | None = None
 
@@ -133,21 +133,18 @@ class _RecvWork(Work):
 
     def is_completed(self) -> bool:
         if not self._event.is_set():
-            self._t._progress(0.0)
+            self._transport._progress(0.0)
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> None:
-        t = self._t
-        limit = t.timeout_s if timeout is None else max(0.0, float(timeout))
+        t = self._transport
+        limit = self._limit(timeout)
         deadline = time.monotonic() + limit
-        op = f"recv tag {self.tag}"
         while not self._event.is_set():
-            t._raise_if_broken(self.src, op)
+            t._raise_if_broken(self._peer, self._op)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TransportTimeout(
-                    f"{t.describe(self.src, op)}: no message after {limit:.1f} s{t._rejection_note(self.src)}"
-                )
+                raise self._timed_out(limit, "no message", t._rejection_note(self._peer))
             t._progress(min(remaining, 0.05))
         if self.error is not None:
             raise self.error
@@ -229,8 +226,6 @@ class ZmqTransport(Transport):
         self._monitors: dict[int, Any] = {}
         self._poller: Any = None
         self._job = ""
-        self._connected = False
-        self._closed = False
 
     # ================================================================ connect
     def connect(self) -> ZmqTransport:
@@ -239,7 +234,7 @@ class ZmqTransport(Transport):
             return self
         if self._closed:
             raise TransportError(f"{self.describe(op='connect')}: transport is closed")
-        self._connected = True
+        self._connected = True  # before any socket opens, so that close() releases what did
         if self.world_size == 1:
             return self
         try:
@@ -315,18 +310,9 @@ class ZmqTransport(Transport):
         for sock in dealer_peer:
             answers.register(sock, zmq.POLLIN)
         with self._send_lock:
+            who = identity(self.world_size, self.config_hash)
             for peer, dealer in self._dealers.items():
-                dealer.send(
-                    pack(
-                        "hello",
-                        magic=MAGIC,
-                        src=self.rank,
-                        dst=peer,
-                        world_size=self.world_size,
-                        config_hash=self.config_hash,
-                        job=self._job,
-                    )
-                )
+                dealer.send(pack("hello", src=self.rank, dst=peer, job=self._job, **who))
             while True:
                 if self._closed:
                     raise TransportError(f"{self.describe(op='connect')}: transport closed during the handshake")
@@ -482,12 +468,9 @@ class ZmqTransport(Transport):
     def _check_hello(self, msg: dict[str, Any], peer: int | None, nframes: int) -> str:
         if nframes != 1:
             return f"hello has {nframes} frames, expected 1"
-        if msg["magic"] != MAGIC:
-            return f"not a pcpp zmq peer (magic {msg['magic']!r})"
-        if msg["world_size"] != self.world_size:
-            return f"world_size {msg['world_size']} does not match this rank's {self.world_size}"
-        if msg["config_hash"] != self.config_hash:
-            return f"config_hash {msg['config_hash']!r} does not match this rank's {self.config_hash!r}"
+        mismatch = identity_mismatch(msg, self.world_size, self.config_hash, "this rank's")
+        if mismatch:
+            return mismatch
         if msg["job"] != self._job:
             return f"job id {msg['job']!r} is not this job's {self._job!r} (another job?)"
         if msg["dst"] != self.rank or not 0 <= msg["src"] < self.world_size or msg["src"] == self.rank:
@@ -502,7 +485,7 @@ class ZmqTransport(Transport):
         if msg["dtype"] != DTYPE_NAMES.get(buf.dtype) or msg["nbytes"] != nbytes:
             work.complete(
                 TransportError(
-                    f"{self.describe(work.src, f'recv tag {work.tag}')}: message of {msg['nbytes']} bytes "
+                    f"{work.describe()}: message of {msg['nbytes']} bytes "
                     f"{msg['dtype']} does not fit receive buffer {tuple(buf.shape)} {buf.dtype} ({nbytes} bytes)"
                 )
             )
@@ -517,7 +500,7 @@ class ZmqTransport(Transport):
                     host.numpy()[:] = src
                     buf.reshape(-1).view(torch.uint8).copy_(host)
         except Exception as exc:  # noqa: BLE001 - reported to the waiter
-            work.complete(TransportError(f"{self.describe(work.src, f'recv tag {work.tag}')}: copy failed: {exc}"))
+            work.complete(TransportError(f"{work.describe()}: copy failed: {exc}"))
             return
         self.counters.add_received(nbytes, header_len)
         work.complete()
@@ -546,7 +529,7 @@ class ZmqTransport(Transport):
         if failed:
             logger.error("%s: %s", self.describe(peer, "receive"), reason)
         for work in stranded:
-            work.complete(PeerFailed(f"{self.describe(peer, f'recv tag {work.tag}')}: peer {reason}"))
+            work.complete(PeerFailed(f"{work.describe()}: peer {reason}"))
 
     # ================================================================ helpers for callers
     def _rejection_note(self, peer: int | None) -> str:
@@ -565,11 +548,6 @@ class ZmqTransport(Transport):
         reason = self._gone.get(peer)
         if reason is not None:
             raise PeerFailed(f"{self.describe(peer, op)}: peer {reason}")
-
-    def _require(self, op: str) -> None:
-        if not self._connected or self._closed:
-            state = "closed" if self._closed else "not connected (call connect() first)"
-            raise TransportError(f"{self.describe(op=op)}: transport is {state}")
 
     def _send_frames(self, dst: int, frames: list[Any], track: bool, op: str) -> Any:
         """Queue ``frames`` on ``dst``'s DEALER (never blocks: high-water marks are off); the
@@ -591,11 +569,14 @@ class ZmqTransport(Transport):
         self._send_frames(dst, list(frames), False, "inject")
 
     # ================================================================ point to point
+    def _check_point_to_point(self, buf: torch.Tensor, peer: int, tag: int, op: str) -> None:
+        """Refuse a bad buffer, peer or tag, or a transport not connected or closed."""
+        self._check_message(buf, peer, op)
+        check_tag(tag, op, self.describe, 1 << 62)
+        self._require(op)
+
     def isend(self, buf: torch.Tensor, dst: int, tag: int) -> Work:
-        _check_buffer(buf, "isend")
-        self._check_peer(dst, "isend")
-        check_tag(tag, "isend", self.describe, 1 << 62)
-        self._require("isend")
+        self._check_point_to_point(buf, dst, tag, "isend")
         self._raise_if_broken(dst, f"send tag {tag}")
         dtype = DTYPE_NAMES.get(buf.dtype)
         if dtype is None:
@@ -609,10 +590,7 @@ class ZmqTransport(Transport):
         return _SendWork(self, tracker, dst, tag)
 
     def irecv(self, buf: torch.Tensor, src: int, tag: int) -> Work:
-        _check_buffer(buf, "irecv")
-        self._check_peer(src, "irecv")
-        check_tag(tag, "irecv", self.describe, 1 << 62)
-        self._require("irecv")
+        self._check_point_to_point(buf, src, tag, "irecv")
         if buf.dtype not in DTYPE_NAMES:
             raise ValueError(f"{self.describe(src, 'irecv')}: dtype {buf.dtype} is not supported")
         work = _RecvWork(self, buf, src, tag)
@@ -659,19 +637,15 @@ class ZmqTransport(Transport):
             self._progress(min(remaining, 0.05))
         data, header_len = item
         self.counters.add_received(0, header_len + len(data))
-        try:
-            return msgpack.unpackb(data, raw=False)
-        except Exception as exc:  # noqa: BLE001 - malformed msgpack
-            raise TransportError(f"{self.describe(src, 'recv_object')}: malformed msgpack object: {exc}") from exc
+        return unpack_object(data, src, self.describe)
 
     # ================================================================ lifecycle
-    def close(self) -> None:
-        """Say goodbye to every peer and close the sockets (queued sends get 1 s to leave)."""
-        if self._closed:
-            return
-        # first, so that a thread draining or in the handshake stops at its next check; one
-        # draining right now finishes its poll (at most 50 ms) before the sockets go
-        self._closed = True
+    def _close(self) -> None:
+        """Say goodbye to every peer and close the sockets (queued sends get 1 s to leave).
+
+        The transport is already marked closed, so a thread draining or in the handshake stops at
+        its next check; one draining right now finishes its poll (at most 50 ms) before the
+        sockets go."""
         got_recv = self._recv_lock.acquire(timeout=5.0)
         try:
             with self._send_lock:
@@ -702,4 +676,4 @@ class ZmqTransport(Transport):
             stranded = [w for q in self._posted.values() for w in q]
             self._posted.clear()
         for work in stranded:
-            work.complete(TransportError(f"{self.describe(work.src, f'recv tag {work.tag}')}: transport closed"))
+            work.complete(TransportError(f"{work.describe()}: transport closed"))

@@ -12,7 +12,7 @@ import traceback
 import pytest
 from pcpp_runtime.transports import LocalFabric
 from transport_conformance import run_conformance
-from transport_jobs import mpiexec_path, run_job
+from transport_jobs import run_job, skip_without_mpiexec
 
 TRANSPORTS = ["local", "torch", "zmq", "mpi"]
 WORLD_SIZES = [1, 2, 4]
@@ -46,8 +46,7 @@ def test_conformance(transport: str, world_size: int) -> None:
     if transport == "local":
         _run_local(world_size)
         return
-    if transport == "mpi" and mpiexec_path() is None:
-        pytest.skip("mpiexec not found")
+    skip_without_mpiexec(transport)
     job = run_job(transport, world_size, "conformance", timeout_s=30.0, job_timeout=75.0)
     assert job.ok, job.report()
     assert sorted(job.results) == list(range(world_size)), job.report()

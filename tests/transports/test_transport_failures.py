@@ -6,15 +6,14 @@ Every job runs with a 5 s transport timeout and must end, launch included, in un
 from __future__ import annotations
 
 import pytest
-from transport_jobs import JobResult, mpiexec_path, run_job
+from transport_jobs import JobResult, run_job, skip_without_mpiexec
 
 PROCESS_TRANSPORTS = ["torch", "zmq", "mpi"]
 LIMIT_S = 15.0
 
 
 def _job(transport: str, scenario: str) -> JobResult:
-    if transport == "mpi" and mpiexec_path() is None:
-        pytest.skip("mpiexec not found")
+    skip_without_mpiexec(transport)
     job = run_job(transport, 2, scenario, timeout_s=5.0, job_timeout=30.0)
     assert not job.timed_out, job.report()
     assert job.elapsed < LIMIT_S, f"took {job.elapsed:.1f} s\n{job.report()}"

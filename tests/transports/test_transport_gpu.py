@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transport_jobs import mpiexec_path, run_job
+from transport_jobs import run_job, skip_without_mpiexec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -13,8 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("transport", ["zmq", "mpi"])
 def test_cuda_buffers_two_ranks_one_gpu(transport: str) -> None:
     """zmq stages through host memory; MPI uses CUDA-aware MPI or pinned staging buffers."""
-    if transport == "mpi" and mpiexec_path() is None:
-        pytest.skip("mpiexec not found")
+    skip_without_mpiexec(transport)
     job = run_job(transport, 2, "gpu", timeout_s=60.0, job_timeout=100.0, device="cuda")
     assert job.ok, job.report()
 

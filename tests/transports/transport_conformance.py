@@ -36,14 +36,14 @@ def _check_counters(
     t: Transport, before: dict[str, int], sent: int, received: int, n_sent: int, n_recv: int, what: str
 ) -> None:
     d = _delta(before, t.counters.snapshot())
-    assert d["payload_sent"] == sent, f"{what}: payload_sent grew by {d['payload_sent']}, expected {sent}"
-    assert d["payload_received"] == received, (
-        f"{what}: payload_received grew by {d['payload_received']}, expected {received}"
-    )
-    assert d["messages_sent"] == n_sent, f"{what}: messages_sent grew by {d['messages_sent']}, expected {n_sent}"
-    assert d["messages_received"] == n_recv, (
-        f"{what}: messages_received grew by {d['messages_received']}, expected {n_recv}"
-    )
+    expected = {
+        "payload_sent": sent,
+        "payload_received": received,
+        "messages_sent": n_sent,
+        "messages_received": n_recv,
+    }
+    for key, value in expected.items():
+        assert d[key] == value, f"{what}: {key} grew by {d[key]}, expected {value}"
     assert d["framing_sent"] >= 0 and d["framing_received"] >= 0
 
 

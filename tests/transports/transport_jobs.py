@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "transport_worker.py"
 
@@ -36,6 +38,12 @@ def mpiexec_path() -> str | None:
     if candidate.exists():
         return str(candidate)
     return shutil.which("mpiexec")
+
+
+def skip_without_mpiexec(transport: str) -> None:
+    """Skip the calling test if it runs ``transport`` ``mpi`` and there is no ``mpiexec``."""
+    if transport == "mpi" and mpiexec_path() is None:
+        pytest.skip("mpiexec not found")
 
 
 @dataclasses.dataclass

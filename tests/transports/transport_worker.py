@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,7 @@ def scenario_gpu(t: Transport, args: argparse.Namespace) -> Any:
     for i, dtype in enumerate(DTYPES):
         data = pattern(1 << 16, dtype, t.rank + i).to(dev)
         buf = torch.empty(1 << 16, dtype=dtype, device=dev)
-        works = [t.irecv(buf, peer, 20 + i), t.isend(data, peer, 20 + i)]
-        for w in works:
-            w.wait()
+        _swap(t, peer, data, buf, 20 + i)
         assert buf.device == dev and torch.equal(buf.cpu(), pattern(1 << 16, dtype, peer + i))
     outs = [torch.empty(q + 3, device=dev) for q in range(t.world_size)]
     t.all_gather(outs, torch.full((t.rank + 3,), float(t.rank), device=dev))
@@ -103,40 +102,44 @@ def scenario_never_sends(t: Transport, args: argparse.Namespace) -> Any:
     return "unreachable"
 
 
-def _warm_up(t: Transport) -> None:
-    peer = 1 - t.rank
-    buf = torch.empty(4)
-    works = [t.irecv(buf, peer, 1), t.isend(torch.ones(4), peer, 1)]
+def _swap(t: Transport, peer: int, data: torch.Tensor, buf: torch.Tensor, tag: int) -> None:
+    """Send ``data`` to ``peer`` and receive its message into ``buf``, both on ``tag``."""
+    works = [t.irecv(buf, peer, tag), t.isend(data, peer, tag)]
     for w in works:
         w.wait()
 
 
-def scenario_exits(t: Transport, args: argparse.Namespace) -> Any:
-    _warm_up(t)
+def _rank1_leaves(t: Transport, leave: Callable[[], Any]) -> Any:
+    """After a first exchange rank 1 calls ``leave()`` and returns what it returns (if it
+    returns at all); rank 0 waits for a message (tag 2) that rank 1 never sends."""
+    _swap(t, 1 - t.rank, torch.ones(4), torch.empty(4), 1)
     if t.rank == 1:
+        return leave()
+    t.irecv(torch.empty(4), 1, 2).wait()
+    return "unreachable"
+
+
+def scenario_exits(t: Transport, args: argparse.Namespace) -> Any:
+    def leave() -> None:
         time.sleep(0.5)
         # gone without closing anything. Under MPICH a rank that ends with status 0 without
         # MPI_Finalize makes mpiexec kill the others and report 0, so the MPI run uses status 3.
         os._exit(3 if args.transport == "mpi" else 0)
-    t.irecv(torch.empty(4), 1, 2).wait()
-    return "unreachable"
+
+    return _rank1_leaves(t, leave)
 
 
 def scenario_exits_clean(t: Transport, args: argparse.Namespace) -> Any:
-    _warm_up(t)
-    if t.rank == 1:
-        return "left early"  # closes its transport and exits 0 while rank 0 still waits
-    t.irecv(torch.empty(4), 1, 2).wait()
-    return "unreachable"
+    # rank 1 returns: main closes its transport and exits 0 while rank 0 still waits
+    return _rank1_leaves(t, lambda: "left early")
 
 
 def scenario_killed(t: Transport, args: argparse.Namespace) -> Any:
-    _warm_up(t)
-    if t.rank == 1:
+    def leave() -> None:
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
-    t.irecv(torch.empty(4), 1, 2).wait()
-    return "unreachable"
+
+    return _rank1_leaves(t, leave)
 
 
 def scenario_config_mismatch(t: Transport, args: argparse.Namespace) -> Any:
@@ -267,8 +270,7 @@ def main() -> int:
         record["ok"] = True
     except BaseException as exc:  # noqa: BLE001 - reported to the test
         record.update(ok=False, error_type=type(exc).__name__, error=str(exc), traceback=traceback.format_exc())
-        record["elapsed"] = time.monotonic() - start
-        out.write_text(json.dumps(record, default=str))
+        _write_record(out, record, start)
         # Leave the peer a moment to record its own error before this rank goes away: a failed
         # MPI rank makes mpiexec kill the others, and a closed gloo/zmq connection turns the peer's
         # own timeout, due a few ms later, into PeerFailed (both seen in make test runs).
@@ -279,9 +281,14 @@ def main() -> int:
             closing = time.monotonic()
             t.close()  # under MPI an error aborts the job instead
             record["close_s"] = round(time.monotonic() - closing, 3)
+    _write_record(out, record, start)
+    return 0
+
+
+def _write_record(out: Path, record: dict[str, Any], start: float) -> None:
+    """Write this rank's outcome, with the seconds since ``start``, for the test to read."""
     record["elapsed"] = time.monotonic() - start
     out.write_text(json.dumps(record, default=str))
-    return 0
 
 
 if __name__ == "__main__":
