@@ -39,7 +39,7 @@ demo: $(STAMP)
 # 3000 steps. 3: that UNet continued for the first 3000 steps of a 4000-step schedule. 4: that
 # continued for 2500 steps at half the learning rate, with more layout timesteps and
 # single-shape scenes. The logs, loss curves and samples go to $(OUT)/train-demo.
-TRAIN_DEMO = $(BIN)/python -m pcpp_runtime.models.train_demo
+TRAIN_DEMO = $(BIN)/python -m pcpp_runtime.models.demo_training.train
 TRAIN_DEMO_VAE = --vae $(OUT)/train-demo/1/vae
 train-demo: $(STAMP)
 	$(TRAIN_DEMO) --work $(OUT)/train-demo/1 --vae-only --vae-steps 2000 --vae-precision bf16

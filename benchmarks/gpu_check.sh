@@ -89,7 +89,7 @@ EOF
     tests | bandwidth)
         note "pytest -m gpu ($section)"
         export PCPP_TEST_MODEL_CACHE=/tmp/pcpp-test-models PCPP_GPU_RESULTS="$OUT"
-        PCPP_MODEL_CACHE=$PCPP_TEST_MODEL_CACHE $PY -c "from pcpp_runtime.models.tiny import builtin_model_path as b; b('tiny-sd')"
+        PCPP_MODEL_CACHE=$PCPP_TEST_MODEL_CACHE $PY -c "from pcpp_runtime.models.builtin import builtin_model_path as b; b('tiny-sd')"
         args=(-m gpu -v -rA -p no:cacheprovider)
         if [ "$section" = tests ]; then
             args+=(-k "not bandwidth" --junitxml "$OUT/pytest.xml")

@@ -52,9 +52,9 @@ def main() -> int:
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    from pcpp_runtime.models.demo_model import demo_components, write_word_tokenizer
-    from pcpp_runtime.models.shapes import POSITIONS, render, sample_scene, shape_phrase
-    from pcpp_runtime.models.train_demo import _lr_at, _noise_schedule
+    from pcpp_runtime.models.demo_training.components import demo_components, write_word_tokenizer
+    from pcpp_runtime.models.demo_training.shapes import POSITIONS, render, sample_scene, shape_phrase
+    from pcpp_runtime.models.demo_training.train import _lr_at, _noise_schedule
 
     torch.set_num_threads(args.threads)
     write_word_tokenizer(args.work / "tokenizer")
@@ -138,7 +138,7 @@ def _place_templates(vae, scale: float, per_place: int = 16):
     ``POSITIONS``), jittered and sized like the data set, on random backgrounds."""
     import torch
 
-    from pcpp_runtime.models.shapes import BACKGROUNDS, POSITIONS, Scene, placed_shape, render
+    from pcpp_runtime.models.demo_training.shapes import BACKGROUNDS, POSITIONS, Scene, placed_shape, render
 
     rng = np.random.default_rng(11)
     templates = []

@@ -72,8 +72,8 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from pcpp_runtime.generate import load_pipeline
-    from pcpp_runtime.models.shapes import POSITIONS, shape_phrase
+    from pcpp_runtime.pipelines import load_pipeline
+    from pcpp_runtime.models.demo_training.shapes import POSITIONS, shape_phrase
 
     pipe = load_pipeline(args.model)
     size = pipe.unet.config.sample_size

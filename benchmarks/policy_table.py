@@ -23,7 +23,9 @@ import torch  # noqa: E402
 
 from engine_helpers import on_ranks, one_worker  # noqa: E402
 from pcpp_runtime import ParallelConfig  # noqa: E402
-from pcpp_runtime.generate import JobSpec, psnr, resolve_model  # noqa: E402
+from pcpp_runtime.jobs import JobSpec  # noqa: E402
+from pcpp_runtime.metrics import psnr  # noqa: E402
+from pcpp_runtime.pipelines import resolve_model  # noqa: E402
 
 
 def main() -> None:

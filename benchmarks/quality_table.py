@@ -38,7 +38,7 @@ def _policies(portions: list[float], warmup: int):
 def prompts(count: int) -> list[str]:
     import numpy as np
 
-    from pcpp_runtime.models.shapes import sample_scene
+    from pcpp_runtime.models.demo_training.shapes import sample_scene
 
     return [sample_scene(np.random.default_rng(1000 + i)).caption for i in range(count)]
 
@@ -56,14 +56,15 @@ def main() -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from pcpp_runtime.generate import JobSpec, default_size
-    from pcpp_runtime.grid import load_quiet_pipelines, run_one_worker, run_policy
+    from pcpp_runtime.grid import run_one_worker, run_policy
+    from pcpp_runtime.jobs import JobSpec
+    from pcpp_runtime.pipelines import default_size, load_pipelines
 
     torch.set_num_threads(1)
     worlds = [int(w) for w in args.worlds.split(",")]
     policies = _policies([float(p) for p in args.portions.split(",")], args.warmup_steps)
     texts = prompts(args.prompts)
-    pipes = load_quiet_pipelines(args.model, max(worlds))
+    pipes = load_pipelines(args.model, max(worlds))
     height, width = default_size(pipes[0])
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -71,11 +72,11 @@ def main() -> int:
     bar = tqdm(total=len(texts) * (1 + len(worlds) * len(policies)), desc="quality", unit="run", file=sys.stderr)
     for index, prompt in enumerate(texts):
         spec = JobSpec(model=args.model, prompt=prompt, steps=args.steps, seed=index)
-        reference = run_one_worker(pipes[0], spec, height, width)
+        reference = run_one_worker(pipes[0], spec)
         bar.update()
         for world in worlds:
             for label, config in policies:
-                run = run_policy(pipes, spec, height, width, world, config, label, reference)
+                run = run_policy(pipes, spec, world, config, label, reference)
                 records.append({"prompt": prompt, "seed": index, **run.to_dict()})
                 bar.update()
     bar.close()

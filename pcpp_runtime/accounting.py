@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-__all__ = ["KINDS", "ByteLedger"]
+__all__ = ["KINDS", "ByteLedger", "peak_rss_bytes"]
 
 #: Layer kinds bytes are split by.
 KINDS = ("attention_kv", "halo", "norm", "output")
@@ -50,3 +50,13 @@ class ByteLedger:
         out = {kind: value / len(steps) for kind, value in out.items()}
         out["total"] = sum(out[k] for k in out)
         return out
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (0 where the platform does not say)."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (ImportError, OSError):
+        return 0

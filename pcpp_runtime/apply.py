@@ -9,7 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .layers import DisplacedLayer, FirstConv2d, HaloConv2d, StripGroupNorm, StripPatchEmbed, StripPositionEmbedding, StripSelfAttention
-from .models.plan import ModelPlan, UnsupportedModelError
+from .models.plans.base import ModelPlan, UnsupportedModelError
 from .runtime import RankRuntime
 
 __all__ = ["AppliedPlan", "apply_plan"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any
@@ -211,8 +210,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------- generate
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Build the job from the flags and run it on the ranks they name (pcpp_runtime.worker)."""
     from .config import ConfigError, ParallelConfig
-    from .generate import JobSpec
+    from .connect import TransportSettings
+    from .jobs import JobSpec
 
     try:
         config = ParallelConfig(
@@ -246,299 +247,49 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         )
     if args.grid:
         return _generate_grid(args, spec, config, parser)
-    if args.transport == "local":
-        return _generate_local(args, spec, config, parser)
+    from .ranks import Launched, Threads
     from .registry import transports
+    from .worker import GenerateJob, execute
 
+    settings = TransportSettings(args.bind_addr, args.advertise_addr, args.port_range)
+    job = GenerateJob(spec, config, args.transport, settings, args.device, args.compare, args.output, args.report)
+    if args.transport == "local":
+        return execute(job, Threads(args.nproc or 1))
     if args.transport not in transports:
         parser.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(transports.names())}")
-    if relaunch:
-        return _relaunch(args, parser)
-    return _generate_on_process(args, spec, config, parser)
-
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """``argv`` without ``name VALUE`` / ``name=VALUE`` (every occurrence)."""
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
-def _relaunch(args, parser: argparse.ArgumentParser) -> int:
-    """``--nproc N`` with a process transport: start N workers of this same command."""
-    argv = _without_option(_without_option(list(args.argv), "--nproc"), "--cpu-bind")
-    command = [sys.executable, "-m", "pcpp_runtime.cli"] + argv + ["--transport", args.transport]
-    return _run_workers(args.nproc, command, parser, timeout_s=None, cpu_bind=args.cpu_bind)
-
-
-def _generate_on_process(args, spec, config, parser) -> int:
-    """This process is one rank of a job a launcher (or ``--nproc``) started."""
-    from .config import ConfigError
-    from .connect import TransportSettings, open_transport
-    from .generate import check_shape, default_size, gather_stats, load_pipeline, run_rank
-    from .launch import LaunchEnvironmentError, discover
-    from .transports.base import TransportError
-
-    overrides = {
-        "rank": args.rank,
-        "world_size": args.world_size,
-        "master_addr": args.master_addr,
-        "master_port": args.master_port,
-    }
-    try:
-        info = discover(overrides=overrides)
-    except LaunchEnvironmentError as exc:
-        parser.error(str(exc))
-    if args.nproc is not None and args.nproc != info.world_size:
-        parser.error(f"--nproc {args.nproc} disagrees with the launcher's world size {info.world_size}")
-    _quiet_libraries()
-    device = args.device or _default_device(info)
-    settings = TransportSettings(args.bind_addr, args.advertise_addr, args.port_range, device if device != "cpu" else None)
-    try:
-        pipe = load_pipeline(spec.model, spec.scheduler, device=device)
-        height, width = spec.height or default_size(pipe)[0], spec.width or default_size(pipe)[1]
-        check_shape(pipe, height, width, info.world_size, config)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    prefix = f"pcpp generate [rank {info.rank}/{info.world_size}, {args.transport}]"
-    try:
-        transport = open_transport(args.transport, info, config.timeout_s, config.fingerprint(), settings)
-    except (TransportError, ValueError, ImportError) as exc:
-        print(f"{prefix}: could not connect: {exc}", file=sys.stderr, flush=True)
-        return 1
-    try:
-        latents, stats = run_rank(pipe, transport, spec, config)
-        all_stats = gather_stats(transport, stats)
-        if transport.rank == 0:
-            baseline = _baseline(load_pipeline(spec.model, spec.scheduler, device=device), spec, height, width) if args.compare else None
-            _finish(args, spec, config, pipe, latents, all_stats, baseline, height, width, transport=args.transport)
-    except TransportError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        transport.close()
-    return 0
-
-
-def _default_device(info) -> str:
-    from .launch import select_device
-
-    return str(select_device(info))
-
-
-def _generate_local(args, spec, config, parser) -> int:
-    from .config import ConfigError
-    from .generate import check_shape, default_size, load_pipeline, run_rank
-    from .launch import LaunchEnvironmentError, discover
-    from .threads import RankFailed, run_in_threads
-
-    try:
-        launched = discover()
-    except LaunchEnvironmentError:
-        launched = None
-    if launched is not None and launched.world_size > 1:
-        parser.error(
-            f"this process is rank {launched.rank} of {launched.world_size} started by {launched.source}; "
-            "the local transport runs ranks as threads of one process: choose --transport torch, mpi or zmq"
-        )
-    world = args.nproc or 1
-    _quiet_libraries()
-    try:
-        first = load_pipeline(spec.model, spec.scheduler)
-        height, width = spec.height or default_size(first)[0], spec.width or default_size(first)[1]
-        check_shape(first, height, width, world, config)
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    baseline = _baseline(first, spec, height, width) if args.compare else None
-    pipes = [first] + [load_pipeline(spec.model, spec.scheduler) for _ in range(world - 1)]
-    try:
-        results = run_in_threads(world, lambda tr: run_rank(pipes[tr.rank], tr, spec, config), config.timeout_s * 4)
-    except RankFailed as exc:
-        print(f"pcpp generate: {exc}", file=sys.stderr)
-        return 1
-    latents = results[0][0]
-    stats = [r[1] for r in results]
-    _finish(args, spec, config, first, latents, stats, baseline, height, width, transport="local")
-    return 0
+    if relaunch:  # N fresh processes of this job, each given the job as data
+        command = [sys.executable, "-m", "pcpp_runtime.worker", json.dumps(job.to_json())]
+        return _run_workers(args.nproc, command, parser, timeout_s=None, cpu_bind=args.cpu_bind)
+    ranks = Launched(args.transport, settings, args.rank, args.world_size, args.master_addr, args.master_port,
+                     expected_world_size=args.nproc)
+    return execute(job, ranks)
 
 
 def _generate_grid(args, spec, config, parser) -> int:
     """``--grid``: every policy on ``--nproc`` thread ranks against one worker, one picture."""
     from .config import ConfigError
-    from .generate import check_shape, default_size, write_atomically
-    from .grid import grid_policies, load_quiet_pipelines, render_grid, run_one_worker, run_policy
+    from .grid import run_grid
     from .threads import RankFailed
+    from .worker import quiet_libraries
 
     world = args.nproc or 2
     if args.transport != "local":
         parser.error(f"--grid runs every policy in this process over the local transport; leave out --transport {args.transport}")
     if world < 2:
         parser.error(f"--grid compares policies across workers: --nproc must be at least 2, got {world}")
-    _quiet_libraries()
+    quiet_libraries()
     try:
-        pipes = load_quiet_pipelines(spec.model, 1, spec.scheduler)
-        height, width = spec.height or default_size(pipes[0])[0], spec.width or default_size(pipes[0])[1]
-        check_shape(pipes[0], height, width, world, config)
+        result = run_grid(spec, world, config)
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    pipes += load_quiet_pipelines(spec.model, world - 1, spec.scheduler)
-    policies = grid_policies(config.portion, config.warmup_steps, config.timeout_s)
-    output = args.output or os.path.join("out", "grid.png")
-    runs = []
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=1 + len(policies), desc="grid", unit="run", file=sys.stderr)
-        reference = run_one_worker(pipes[0], spec, height, width)
-        runs.append(reference)
-        bar.update()
-        for label, policy_config in policies:
-            bar.set_postfix_str(label)
-            runs.append(run_policy(pipes, spec, height, width, world, policy_config, label, reference))
-            bar.update()
-        bar.close()
     except RankFailed as exc:
         print(f"pcpp generate --grid: {exc}", file=sys.stderr)
         return 1
-    title = f'"{spec.prompt}"  seed {spec.seed}, {spec.steps} steps ({config.warmup_steps} warm-up), {world} workers'
-    render_grid(runs, title, output)
-    report = {"model": spec.model, "prompt": spec.prompt, "seed": spec.seed, "steps": spec.steps,
-              "warmup_steps": config.warmup_steps, "world_size": world, "height": height, "width": width,
-              "runs": [run.to_dict() for run in runs]}
-    if args.report:
-        write_atomically(args.report, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
-    for run in runs[1:]:
-        quality = "identical" if run.psnr_db is None else f"image PSNR {run.psnr_db:.2f} dB, SSIM {run.ssim:.4f}"
-        print(f"  {run.label:>14}: {quality}, {run.mb_per_step:.3f} MB received per rank per step")
+    output = args.output or os.path.join("out", "grid.png")
+    result.write(output, args.report)
+    print(result.summary())
     print(f"  grid: {output}" + (f"\n  report: {args.report}" if args.report else ""), flush=True)
     return 0
-
-
-def _baseline(pipe, spec, height: int, width: int) -> dict[str, Any]:
-    """One worker, same seed: the reference latent and its time."""
-    import time
-
-    from .generate import call_pipeline
-
-    pipe.set_progress_bar_config(desc="denoising (1 worker, reference)")
-    start = time.perf_counter()
-    latents = call_pipeline(pipe, spec, height, width)
-    return {"latents": latents, "seconds": time.perf_counter() - start}
-
-
-def _finish(args, spec, config, pipe, latents, stats, baseline, height, width, transport: str) -> dict[str, Any]:
-    """Rank 0: decode, compare, write the image and the report, print a summary."""
-    from .generate import decode_image, psnr, write_atomically
-
-    report: dict[str, Any] = {
-        "model": spec.model,
-        "prompt": spec.prompt,
-        "seed": spec.seed,
-        "scheduler": type(pipe.scheduler).__name__,
-        "guidance_scale": spec.guidance_scale,
-        "world_size": len(stats),
-        "policy": config.policy,
-        "portion": config.portion,
-        "warmup_steps": config.warmup_steps,
-        "partitioner": config.partitioner,
-        "cfg_parallel": config.cfg_split,
-        "transport": transport,
-        "steps": spec.steps,
-        "denoiser_calls": stats[0]["denoiser_calls"],
-        "height": height,
-        "width": width,
-        "denoise_seconds": max(s["denoise_seconds"] for s in stats),
-        "denoise_seconds_per_rank": [s["denoise_seconds"] for s in stats],
-        "bytes_received_per_step": [s["received_per_step"]["total"] for s in stats],
-        "bytes_sent_per_step": [s["sent_per_step"]["total"] for s in stats],
-        "bytes_received_per_step_by_kind": [_without_total(s["received_per_step"]) for s in stats],
-        "transport_bytes_received": [s["transport_counters"]["payload_received"] for s in stats],
-        "engine_bytes_received": [s["engine_bytes_received"] for s in stats],
-        "stale_buffer_bytes": [sum(s["stale_buffer_bytes"].values()) for s in stats],
-        "peak_rss_bytes": [s["peak_rss_bytes"] for s in stats],
-    }
-    image, pixels = decode_image(pipe, latents)
-    if baseline is not None:
-        reference = baseline["latents"]
-        ref_image, ref_pixels = decode_image(pipe, reference)
-        value = psnr(latents, reference)
-        report.update(
-            psnr_db=None if math.isinf(value) else value,
-            identical=bool(torch_equal(latents, reference)),
-            max_abs_diff=float((latents - reference).abs().max()),
-            image_psnr_db=_finite(psnr((pixels / 2 + 0.5).clamp(0, 1), (ref_pixels / 2 + 0.5).clamp(0, 1), 1.0)),
-            baseline_seconds=baseline["seconds"],
-            speedup=baseline["seconds"] / report["denoise_seconds"],
-        )
-    if args.output:
-        write_atomically(args.output, lambda path: image.save(path, format="PNG"))
-    if args.report:
-        write_atomically(args.report, lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
-    _print_summary(report, args)
-    return report
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isinf(value) else value
-
-
-def _without_total(kinds: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in kinds.items() if k != "total"}
-
-
-def _print_summary(report: dict[str, Any], args) -> None:
-    mb = [b / 1e6 for b in report["bytes_received_per_step"]]
-    lines = [
-        f"{report['world_size']} worker(s) over {report['transport']}, policy {report['policy']}"
-        + (f" (portion {report['portion']})" if report["policy"] == "partial" else "")
-        + f", {report['steps']} steps ({report['warmup_steps']} warm-up), {report['width']}x{report['height']} px",
-        f"  denoising: {report['denoise_seconds']:.2f} s (slowest rank)",
-        f"  received per step after warm-up: {', '.join(f'{m:.3f}' for m in mb)} MB (by rank)",
-    ]
-    if "psnr_db" in report:
-        psnr_text = "identical" if report["identical"] else f"{report['psnr_db']:.2f} dB"
-        lines.append(
-            f"  vs one worker: latent PSNR {psnr_text}, max |diff| {report['max_abs_diff']:.2e}, "
-            f"speed-up {report['speedup']:.2f}x ({report['baseline_seconds']:.2f} s for one worker)"
-        )
-    if args.output:
-        lines.append(f"  image: {args.output}")
-    if args.report:
-        lines.append(f"  report: {args.report}")
-    print("\n".join(lines), flush=True)
-
-
-def _quiet_libraries() -> None:
-    """diffusers/transformers chatter (weight-loading bars, torchvision notices) hides our output."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

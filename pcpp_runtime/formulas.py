@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .config import ParallelConfig
-from .models.plan import ModelPlan
+from .models.plans.base import ModelPlan
 from .partition import PatchPlan
 from .policies import AttentionLayerView
 

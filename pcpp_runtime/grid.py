@@ -1,41 +1,33 @@
 """Side-by-side comparison of the policies on one prompt and seed (``pcpp generate --grid``).
 
-Every run happens in this process: one worker first (the reference), then ``world`` ranks as
-threads over the in-process ``local`` transport for each policy (``sync``, ``full``,
-``partial(p)``, ``none``). The policies run through the same engine and exchange the same bytes
-as over a process transport; only the time is not a speed-up (threads share the cores).
+Every run goes through :func:`pcpp_runtime.jobs.run` in this process: one worker first (the
+reference), then ``world`` ranks as threads for each policy (``sync``, ``full``, ``partial(p)``,
+``none``), reusing one set of loaded pipelines. The policies run through the same engine and
+exchange the same bytes as over a process transport; only the time is not a speed-up (threads
+share the cores).
 
-Image quality is measured on the decoded images, in ``[0, 1]``: PSNR (:func:`image_psnr`) and
-SSIM (:func:`ssim`, Gaussian window of 11 pixels, sigma 1.5, the usual constants).
+Image quality is measured on the decoded images, in ``[0, 1]``: PSNR and SSIM
+(:mod:`pcpp_runtime.metrics`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import ParallelConfig
-from .generate import JobSpec, call_pipeline, load_pipeline
-from .parallel import parallelize
-from .threads import run_in_threads
+from .jobs import SCHEMA_VERSION, JobResult, JobSpec, Threads, run
+from .metrics import finite_or_none, psnr, ssim
 
-__all__ = [
-    "PolicyRun",
-    "grid_policies",
-    "image_psnr",
-    "load_quiet_pipelines",
-    "render_grid",
-    "run_one_worker",
-    "run_policy",
-    "ssim",
-]
+__all__ = ["GridResult", "PolicyRun", "grid_policies", "render_grid", "run_grid", "run_one_worker", "run_policy"]
 
 
-@dataclass
+@dataclasses.dataclass
 class PolicyRun:
     """One generation: its label, decoded image ``(3, H, W)`` in [0, 1], and numbers."""
 
@@ -48,6 +40,17 @@ class PolicyRun:
     ssim: float | None = None
     latent_psnr_db: float | None = None
 
+    @classmethod
+    def of(cls, label: str, result: JobResult, reference: PolicyRun | None = None) -> PolicyRun:
+        """A job's result as a run of the grid, compared with ``reference`` when given."""
+        received = [r.received_per_step["total"] for r in result.ranks]
+        run = cls(label, result.pixels, result.latents, result.world_size, mb_per_step=sum(received) / len(received) / 1e6)
+        if reference is not None:
+            run.psnr_db = finite_or_none(psnr(run.pixels, reference.pixels, 1.0))
+            run.ssim = ssim(run.pixels, reference.pixels)
+            run.latent_psnr_db = finite_or_none(psnr(run.latents, reference.latents))
+        return run
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -59,6 +62,52 @@ class PolicyRun:
         }
 
 
+@dataclasses.dataclass
+class GridResult:
+    """The grid's runs, the one worker first, and what they share."""
+
+    spec: JobSpec
+    warmup_steps: int
+    world_size: int
+    height: int
+    width: int
+    runs: list[PolicyRun]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "model": self.spec.model,
+            "prompt": self.spec.prompt,
+            "seed": self.spec.seed,
+            "steps": self.spec.steps,
+            "warmup_steps": self.warmup_steps,
+            "world_size": self.world_size,
+            "height": self.height,
+            "width": self.width,
+            "runs": [run.to_dict() for run in self.runs],
+        }
+
+    def title(self) -> str:
+        return (f'"{self.spec.prompt}"  seed {self.spec.seed}, {self.spec.steps} steps ({self.warmup_steps} warm-up), '
+                f"{self.world_size} workers")
+
+    def write(self, output: str | Path, report: str | Path | None = None) -> None:
+        """The picture (:func:`render_grid`) to ``output`` and the JSON report to ``report``."""
+        from .files import write_json
+
+        render_grid(self.runs, self.title(), output)
+        if report:
+            write_json(report, self.to_json())
+
+    def summary(self) -> str:
+        """One line per policy: its quality against one worker and its bytes."""
+        lines = []
+        for run in self.runs[1:]:
+            quality = "identical" if run.psnr_db is None else f"image PSNR {run.psnr_db:.2f} dB, SSIM {run.ssim:.4f}"
+            lines.append(f"  {run.label:>14}: {quality}, {run.mb_per_step:.3f} MB received per rank per step")
+        return "\n".join(lines)
+
+
 def grid_policies(portion: float, warmup_steps: int, timeout_s: float) -> list[tuple[str, ParallelConfig]]:
     """The grid's policies, in picture order: (label, config)."""
     policies = [("sync", "sync"), ("full", "full"), (f"partial({portion:g})", "partial"), ("none", "none")]
@@ -68,97 +117,41 @@ def grid_policies(portion: float, warmup_steps: int, timeout_s: float) -> list[t
     ]
 
 
-def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """The first latent of the batch as an image ``(3, H, W)`` in [0, 1]."""
-    with torch.no_grad():
-        image = pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return (image[0].float() / 2 + 0.5).clamp(0, 1)
+def run_one_worker(pipe, spec: JobSpec) -> PolicyRun:
+    """The reference: ``pipe`` on one worker (nothing attached: the stock pipeline)."""
+    return PolicyRun.of("1 worker", run(spec, ParallelConfig(), Threads(1), pipelines=[pipe], progress=False))
 
 
-def load_quiet_pipelines(model: str, count: int, scheduler: str | None = None) -> list:
-    """``count`` copies of the pipeline (one per rank; loading is not thread-safe, so it happens
-    here, before the threads start), progress bars off."""
-    pipes = [load_pipeline(model, scheduler) for _ in range(count)]
-    for pipe in pipes:
-        pipe.set_progress_bar_config(disable=True)
-    return pipes
+def run_policy(pipes: list, spec: JobSpec, world: int, config: ParallelConfig, label: str, reference: PolicyRun) -> PolicyRun:
+    """``world`` thread ranks (``pipes[r]`` on rank ``r``) under ``config``, compared with
+    ``reference``; the pipelines come back unwrapped, so they can be used again."""
+    result = run(spec, config, Threads(world), pipelines=pipes[:world], progress=False)
+    return PolicyRun.of(label, result, reference)
 
 
-def run_one_worker(pipe, spec: JobSpec, height: int, width: int) -> PolicyRun:
-    """The reference: the unwrapped pipeline on one worker."""
-    latents = call_pipeline(pipe, spec, height, width)
-    return PolicyRun("1 worker", _decode(pipe, latents), latents, 1)
+def run_grid(spec: JobSpec, world: int, config: ParallelConfig, *, progress: bool = True) -> GridResult:
+    """One worker, then every policy of :func:`grid_policies` on ``world`` thread ranks (portion,
+    warm-up and timeout from ``config``). Raises before any compute for a bad shape or model."""
+    from tqdm.auto import tqdm
 
+    from .pipelines import check_shape, image_size, load_pipelines
 
-def run_policy(pipes: list, spec: JobSpec, height: int, width: int, world: int, config: ParallelConfig, label: str,
-               reference: PolicyRun) -> PolicyRun:
-    """``world`` ranks (``pipes[r]`` on rank ``r``) as threads over the local transport, compared
-    with ``reference``. The pipelines are unwrapped again afterwards, so they can be reused."""
-    from .generate import psnr
-
-    if len(pipes) < world:
-        raise ValueError(f"{world} ranks need {world} pipelines, got {len(pipes)}")
-
-    def rank(transport):
-        parallel = parallelize(pipes[transport.rank], transport, config)
-        try:
-            latents = call_pipeline(parallel, spec, height, width)
-            steps = parallel.runtime.num_steps
-            after = range(min(config.warmup_steps, steps), steps)
-            return latents, parallel.runtime.ledger.per_step_mean(after, "received")["total"]
-        finally:
-            parallel.denoiser.remove()
-
-    results = run_in_threads(world, rank, config.timeout_s * 4)
-    latents = results[0][0]
-    received = [r[1] for r in results]
-    pixels = _decode(pipes[0], latents)
-    return PolicyRun(
-        label,
-        pixels,
-        latents,
-        world,
-        mb_per_step=sum(received) / len(received) / 1e6,
-        psnr_db=_finite(image_psnr(pixels, reference.pixels)),
-        ssim=ssim(pixels, reference.pixels),
-        latent_psnr_db=_finite(psnr(latents, reference.latents)),
-    )
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isinf(value) else value
-
-
-def image_psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of two images in [0, 1] (``inf`` when equal)."""
-    mse = torch.mean((test.double() - reference.double()) ** 2).item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
-def ssim(test: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean structural similarity of two images ``(C, H, W)`` in [0, 1] (Wang et al. 2004):
-    Gaussian-weighted local means, variances and covariance per channel over valid windows,
-    ``C1 = 0.01^2``, ``C2 = 0.03^2``; 1.0 for identical images."""
-    if test.shape != reference.shape or test.dim() != 3:
-        raise ValueError(f"ssim needs two (C, H, W) images of one shape, got {tuple(test.shape)} and {tuple(reference.shape)}")
-    x = test.double().unsqueeze(0)
-    y = reference.double().unsqueeze(0)
-    channels = x.shape[1]
-    coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.conv2d(t, kernel, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(index.mean())
+    if world < 2:
+        raise ValueError(f"the grid compares policies across workers: it needs at least 2, got {world}")
+    pipes = load_pipelines(spec.model, 1, spec.scheduler)
+    height, width = image_size(pipes[0], spec)
+    check_shape(pipes[0], height, width, world, config)
+    pipes += load_pipelines(spec.model, world - 1, spec.scheduler)
+    policies = grid_policies(config.portion, config.warmup_steps, config.timeout_s)
+    bar = tqdm(total=1 + len(policies), desc="grid", unit="run", file=sys.stderr, disable=not progress)
+    runs = [run_one_worker(pipes[0], spec)]
+    bar.update()
+    for label, policy_config in policies:
+        bar.set_postfix_str(label)
+        runs.append(run_policy(pipes, spec, world, policy_config, label, runs[0]))
+        bar.update()
+    bar.close()
+    return GridResult(spec, config.warmup_steps, world, height, width, runs)
 
 
 def render_grid(runs: list[PolicyRun], title: str, target: str | Path) -> None:
@@ -166,7 +159,7 @@ def render_grid(runs: list[PolicyRun], title: str, target: str | Path) -> None:
     bytes per step, under a title line."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .generate import write_atomically
+    from .files import write_atomically
 
     tiles = [Image.fromarray((run.pixels.permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for run in runs]
     scale = max(1, math.ceil(192 / tiles[0].size[0]))  # small images are enlarged so labels fit under them

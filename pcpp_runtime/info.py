@@ -49,13 +49,14 @@ def transport_status(name: str) -> tuple[bool, str]:
 
 def builtin_models() -> list[str]:
     """Built-in model names, the trained ones marked with whether their weights are here."""
-    from .models.tiny import BUILTIN_MODELS, TRAINED_MODELS
+    from .models.builtin import TRAINED_MODELS
+    from .models.tiny import TINY_MODELS
 
     names = []
     for name, folder in sorted(TRAINED_MODELS.items()):
         state = "trained" if (folder / "model_index.json").exists() else "weights missing: make train-demo"
         names.append(f"{name} ({state})")
-    return names + [f"{name} (random weights)" for name in sorted(BUILTIN_MODELS)]
+    return names + [f"{name} (random weights)" for name in sorted(TINY_MODELS)]
 
 
 def collect_info() -> dict[str, Any]:

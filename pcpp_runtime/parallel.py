@@ -23,7 +23,7 @@ from torch import nn
 
 from .apply import AppliedPlan, apply_plan
 from .config import ParallelConfig
-from .models import ModelPlan, plan_for
+from .models.plans import ModelPlan, plan_for
 from .runtime import RankRuntime
 from .transports.base import Transport
 from .transports.group import GroupTransport

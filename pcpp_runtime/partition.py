@@ -13,11 +13,34 @@ from collections.abc import Sequence
 from .config import ConfigError
 from .registry import partitioners
 
-__all__ = ["PatchPlan", "Partitioner", "RowPartitioner", "WeightedRowPartitioner", "ShapeError"]
+__all__ = ["PatchPlan", "Partitioner", "RowPartitioner", "WeightedRowPartitioner", "ShapeError", "check_splittable"]
 
 
 class ShapeError(ConfigError):
     """A latent shape cannot be split as asked; the message says what would work."""
+
+
+def check_splittable(
+    name: str, size: int, step: int, strips: int, *, unit: str, step_means: str, ranks_per_strip: int = 1
+) -> None:
+    """Raise :class:`ShapeError` unless ``size`` is a multiple of ``step`` that holds at least
+    ``strips`` steps, naming the nearest sizes that work or the most ranks that do.
+
+    The same check serves latent rows (step: the model's alignment) and pixels (step: the VAE
+    factor times the alignment); ``ranks_per_strip`` is 2 with CFG parallel (two rank groups).
+    """
+    if size % step:
+        lower = (size // step) * step
+        raise ShapeError(
+            f"{name} {size} {unit} is not a multiple of {step} {unit} ({step_means}); "
+            f"nearest that work: {lower or step} or {lower + step} {unit}"
+        )
+    units = size // step
+    if units < strips:
+        raise ShapeError(
+            f"{name} {size} {unit} gives only {units} strip(s) of {step} {unit} ({step_means}), too few for "
+            f"{strips} strips: use a {name} of at least {strips * step} {unit} or at most {units * ranks_per_strip} rank(s)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,19 +90,10 @@ class Partitioner:
         Raises :class:`ShapeError` before any compute if the shape cannot be split, naming the
         nearest shapes or the largest world size that would work.
         """
-        if height % alignment:
-            lower = (height // alignment) * alignment
-            raise ShapeError(
-                f"latent height {height} is not a multiple of {alignment} (the model's coarsest level); "
-                f"nearest that work: {lower or alignment} or {lower + alignment} latent rows"
-            )
+        check_splittable(
+            "latent height", height, alignment, world_size, unit="rows", step_means="the model's coarsest level"
+        )
         units = height // alignment
-        if units < world_size:
-            raise ShapeError(
-                f"latent height {height} gives only {units} row(s) at the coarsest level (alignment {alignment}), "
-                f"too few for {world_size} strips: use a latent height of at least {world_size * alignment} "
-                f"or at most {units} rank(s)"
-            )
         counts = self.split_units(units, world_size, weights)
         if len(counts) != world_size or sum(counts) != units or min(counts) < 1:
             raise ShapeError(f"{type(self).__name__} produced an invalid split {counts} of {units} units")

@@ -21,6 +21,6 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd_path(model_cache) -> str:
-    from pcpp_runtime.models.tiny import builtin_model_path
+    from pcpp_runtime.models.builtin import builtin_model_path
 
     return str(builtin_model_path("tiny-sd"))

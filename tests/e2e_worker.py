@@ -28,7 +28,9 @@ from engine_helpers import quiet_pipeline  # noqa: E402
 
 from pcpp_runtime import ParallelConfig, parallelize  # noqa: E402
 from pcpp_runtime.connect import open_transport  # noqa: E402
-from pcpp_runtime.generate import JobSpec, call_pipeline, gather_stats, resolve_model  # noqa: E402
+from pcpp_runtime.jobs import JobSpec  # noqa: E402
+from pcpp_runtime.pipelines import call_pipeline, resolve_model  # noqa: E402
+from pcpp_runtime.ranks import gather_to_rank0  # noqa: E402
 from pcpp_runtime.launch import discover  # noqa: E402
 
 SPEC = JobSpec(steps=6, guidance_scale=5.0, seed=5)
@@ -59,12 +61,12 @@ def main() -> int:
                 "engine_sent": runtime.ledger.total("sent"),
             }
             wrapped.denoiser.remove()
-            everyone = gather_stats(transport, stats)
+            everyone = gather_to_rank0(transport, stats)
             if transport.rank == 0:
                 torch.save(latents, Path(args.out) / f"{policy}.pt")
                 (Path(args.out) / f"{policy}.json").write_text(json.dumps(everyone))
         counters = transport.counters.snapshot()
-        everyone = gather_stats(transport, {"payload_received": counters["payload_received"], "payload_sent": counters["payload_sent"]})
+        everyone = gather_to_rank0(transport, {"payload_received": counters["payload_received"], "payload_sent": counters["payload_sent"]})
         if transport.rank == 0:
             (Path(args.out) / "transport.json").write_text(json.dumps(everyone))
     finally:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from pcpp_runtime import ParallelConfig, parallelize
-from pcpp_runtime.generate import JobSpec, call_pipeline, load_pipeline
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.pipelines import call_pipeline, load_pipeline
 from pcpp_runtime.threads import run_in_threads
 
 

@@ -70,7 +70,7 @@ def mode_engine(t: Transport, args: argparse.Namespace) -> Any:
     from e2e_worker import SIZE, SPEC, config_for
 
     from pcpp_runtime import parallelize
-    from pcpp_runtime.generate import call_pipeline, load_pipeline, resolve_model
+    from pcpp_runtime.pipelines import call_pipeline, load_pipeline, resolve_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

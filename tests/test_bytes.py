@@ -8,8 +8,8 @@ import torch
 from engine_helpers import on_ranks, quiet_pipeline
 from pcpp_runtime import ParallelConfig
 from pcpp_runtime.formulas import expected_bytes_per_step, probe_layer_shapes
-from pcpp_runtime.generate import JobSpec
-from pcpp_runtime.models import plan_for
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.models.plans import plan_for
 
 SPEC = JobSpec(steps=6, guidance_scale=5.0, seed=1)
 HEIGHT, WIDTH = 64, 48  # latent 32 x 24

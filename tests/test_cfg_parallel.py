@@ -7,7 +7,8 @@ import torch
 
 from engine_helpers import on_ranks, one_worker
 from pcpp_runtime import ConfigError, ParallelConfig
-from pcpp_runtime.generate import JobSpec, psnr
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.metrics import psnr
 
 SPEC = JobSpec(steps=8, guidance_scale=5.0, seed=2)
 SHAPE = (64, 48)

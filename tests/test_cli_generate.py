@@ -51,7 +51,7 @@ def test_a_folder_with_the_positional_unet_loads_in_a_fresh_process(tmp_path):
     """``pcpp generate --model FOLDER`` on a pipeline whose model_index.json names
     PositionalUNet2DConditionModel (the demo model's UNet): the process has not imported that
     class's module before loading, which diffusers needs (a ValueError naming the module if not)."""
-    from pcpp_runtime.models.tiny import builtin_model_path
+    from pcpp_runtime.models.builtin import builtin_model_path
 
     folder = builtin_model_path("tiny-sd-pos")  # built here, loaded by its path there
     assert "positional_unet" in (folder / "model_index.json").read_text()

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from pcpp_runtime import ParallelConfig
-from pcpp_runtime.generate import JobSpec, load_pipeline, resolve_model
-from pcpp_runtime.grid import load_quiet_pipelines, run_one_worker, run_policy
-from pcpp_runtime.models.demo_model import DEMO_DIR
-from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, measure
+from pcpp_runtime.grid import run_one_worker, run_policy
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.pipelines import load_pipeline, load_pipelines, resolve_model
+from pcpp_runtime.models.builtin import DEMO_DIR
+from pcpp_runtime.models.demo_training.fidelity import FIDELITY_PROMPTS, measure
 
 # The weights are committed (made by `make train-demo`, about 2 hours); a checkout without them
 # (models/demo deleted to retrain) skips these tests with that reason instead of failing.
@@ -38,7 +39,7 @@ def test_demo_weights_are_committed_small_and_load_through_from_pretrained():
 
 def test_prompt_fidelity_at_one_worker():
     """The colour a caption names dominates the cell it names in at least 80 % of cases."""
-    pipe = load_quiet_pipelines("demo", 1)[0]
+    pipe = load_pipelines("demo", 1)[0]
     cases = measure(pipe, seeds=1)
     passed = [case for case in cases if case.passed]
     report = "\n".join(f"{c.prompt!r} seed {c.seed}: share {c.share:.2f}, strongest {c.strongest}" for c in cases)
@@ -52,8 +53,8 @@ def test_policies_separate_on_the_trained_model():
     partial conditioning's PSNR rises with the portion."""
     prompt = "a red circle at the top left and a blue square at the bottom and a yellow stripe in the center"
     spec = JobSpec(model="demo", prompt=prompt, steps=20, seed=0)
-    pipes = load_quiet_pipelines("demo", 4)
-    reference = run_one_worker(pipes[0], spec, 256, 256)
+    pipes = load_pipelines("demo", 4)
+    reference = run_one_worker(pipes[0], spec)
     runs = {}
     for label, config in [
         ("full", ParallelConfig(policy="full", warmup_steps=4)),
@@ -61,7 +62,7 @@ def test_policies_separate_on_the_trained_model():
         ("partial(0.5)", ParallelConfig(policy="partial", portion=0.5, warmup_steps=4)),
         ("none", ParallelConfig(policy="none", warmup_steps=4)),
     ]:
-        runs[label] = run_policy(pipes, spec, 256, 256, 4, config, label, reference)
+        runs[label] = run_policy(pipes, spec, 4, config, label, reference)
     psnr = {label: run.psnr_db for label, run in runs.items()}
     assert all(value is not None for value in psnr.values()), psnr
     assert psnr["none"] + 3.0 <= psnr["full"], psnr  # "clearly": at least 3 dB

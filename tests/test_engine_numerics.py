@@ -7,7 +7,9 @@ import torch
 
 from engine_helpers import on_ranks, one_worker, quiet_pipeline
 from pcpp_runtime import ParallelConfig, parallelize
-from pcpp_runtime.generate import JobSpec, call_pipeline, psnr
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.metrics import psnr
+from pcpp_runtime.pipelines import call_pipeline
 from pcpp_runtime.threads import run_in_threads
 from pcpp_runtime.transports import LocalFabric
 

@@ -113,7 +113,7 @@ def one_device(tiny_sd_path) -> torch.Tensor:
     """tiny-sd's final latent on one device, unwrapped (TF32 off, as in the workers)."""
     from e2e_worker import SIZE, SPEC
 
-    from pcpp_runtime.generate import call_pipeline, load_pipeline
+    from pcpp_runtime.pipelines import call_pipeline, load_pipeline
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -127,7 +127,7 @@ def in_threads(path: str, world: int, policy: str) -> torch.Tensor:
     from e2e_worker import SIZE, SPEC, config_for
 
     from pcpp_runtime import parallelize
-    from pcpp_runtime.generate import call_pipeline, load_pipeline
+    from pcpp_runtime.pipelines import call_pipeline, load_pipeline
     from pcpp_runtime.threads import run_in_threads
 
     pipes = [load_pipeline(path, device=DEVICE) for _ in range(world)]
@@ -152,7 +152,7 @@ def test_engine_nccl_world_size_one_is_unwrapped(one_device, tmp_path) -> None:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("transport,backend", SHARED_GPU, ids=[label(*c) for c in SHARED_GPU])
 def test_engine_two_processes_one_gpu(transport: str, backend: str | None, one_device, tiny_sd_path, tmp_path) -> None:
-    from pcpp_runtime.generate import psnr
+    from pcpp_runtime.metrics import psnr
 
     job = launch("engine", transport, 2, tmp_path, "--policies", "sync,full,partial", backend=backend,
                  job_timeout=240.0)

@@ -20,8 +20,10 @@ import torch
 
 from engine_helpers import quiet_pipeline
 from pcpp_runtime import ParallelConfig, parallelize
-from pcpp_runtime.generate import JobSpec, call_pipeline, check_shape, class_label, denoiser_of, psnr
-from pcpp_runtime.models import LayerRule, UnsupportedModelError, plan_for
+from pcpp_runtime.jobs import JobSpec
+from pcpp_runtime.metrics import psnr
+from pcpp_runtime.pipelines import call_pipeline, check_shape, class_label, denoiser_of
+from pcpp_runtime.models.plans import LayerRule, UnsupportedModelError, plan_for
 from pcpp_runtime.partition import ShapeError
 from pcpp_runtime.threads import run_in_threads
 from pcpp_runtime.transports import LocalFabric
@@ -35,7 +37,7 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def paths(model_cache):
-    from pcpp_runtime.models.tiny import builtin_model_path
+    from pcpp_runtime.models.builtin import builtin_model_path
 
     return {name: str(builtin_model_path(name)) for name in (*FAMILIES, "tiny-sd")}
 
@@ -153,7 +155,7 @@ def test_dit_transformer_on_a_non_square_latent(paths, world):
     through a DDIM loop that passes the latent as ``hidden_states=``; batch of two classes."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    from pcpp_runtime.models.dit import dit_strip_forward
+    from pcpp_runtime.models.plans.dit import dit_strip_forward
 
     path = paths["tiny-dit"]
     steps = 8
@@ -221,7 +223,7 @@ def test_dit_bytes_per_step_match_the_formula(paths, policy):
 def test_dit_strip_forward_is_the_library_forward_on_square_grids(paths):
     from diffusers import DiTTransformer2DModel
 
-    from pcpp_runtime.models.dit import dit_strip_forward
+    from pcpp_runtime.models.plans.dit import dit_strip_forward
 
     model = DiTTransformer2DModel.from_pretrained(paths["tiny-dit"], subfolder="transformer")
     torch.manual_seed(1)

@@ -9,7 +9,7 @@ import pytest
 
 from engine_helpers import on_ranks
 from pcpp_runtime import ParallelConfig, PartialPolicy
-from pcpp_runtime.generate import JobSpec
+from pcpp_runtime.jobs import JobSpec
 from pcpp_runtime.registry import PluginLoadError, Registry, policies
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pcpp_runtime.grid import image_psnr, ssim
-from pcpp_runtime.models.fidelity import FIDELITY_PROMPTS, check_image
-from pcpp_runtime.models.shapes import (
+from pcpp_runtime.metrics import psnr, ssim
+from pcpp_runtime.models.demo_training.fidelity import FIDELITY_PROMPTS, check_image
+from pcpp_runtime.models.demo_training.shapes import (
     COLOURS,
     POSITIONS,
     Scene,
@@ -98,7 +98,7 @@ def test_place_probe_finds_the_centre_of_a_red_shape_in_grid_cells():
 def test_demo_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
     from transformers import CLIPTokenizer
 
-    from pcpp_runtime.models.demo_model import write_word_tokenizer
+    from pcpp_runtime.models.demo_training.components import write_word_tokenizer
 
     write_word_tokenizer(tmp_path)
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
@@ -113,7 +113,7 @@ def test_ssim_and_psnr_of_images():
     torch.manual_seed(0)
     x = torch.rand(3, 64, 64)
     assert ssim(x, x) == pytest.approx(1.0)
-    assert image_psnr(x, x) == float("inf")
+    assert psnr(x, x, 1.0) == float("inf")
     values = [ssim((x + s * torch.randn_like(x)).clamp(0, 1), x) for s in (0.01, 0.05, 0.2)]
     assert values[0] > values[1] > values[2] > 0.0
     noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
@@ -157,21 +157,22 @@ def test_generate_grid_refuses_a_process_transport_and_one_worker():
 
 def test_pipelines_are_unwrapped_after_a_policy_run_and_give_the_same_result_again():
     from pcpp_runtime import ParallelConfig
-    from pcpp_runtime.generate import JobSpec
-    from pcpp_runtime.grid import load_quiet_pipelines, run_one_worker, run_policy
+    from pcpp_runtime.grid import run_one_worker, run_policy
+    from pcpp_runtime.jobs import JobSpec
+    from pcpp_runtime.pipelines import load_pipelines
 
     spec = JobSpec(model="tiny-sd", steps=4, seed=1)
-    pipes = load_quiet_pipelines("tiny-sd", 2)
-    reference = run_one_worker(pipes[0], spec, 64, 64)
+    pipes = load_pipelines("tiny-sd", 2)
+    reference = run_one_worker(pipes[0], spec)
     config = ParallelConfig(policy="partial", portion=0.3, warmup_steps=1)
-    first = run_policy(pipes, spec, 64, 64, 2, config, "partial", reference)
-    again = run_policy(pipes, spec, 64, 64, 2, config, "partial", reference)
+    first = run_policy(pipes, spec, 2, config, "partial", reference)
+    again = run_policy(pipes, spec, 2, config, "partial", reference)
     assert torch.equal(first.latents, again.latents)
     assert first.mb_per_step == again.mb_per_step > 0
     # and the unwrapped pipeline is one worker again
-    assert torch.equal(run_one_worker(pipes[0], spec, 64, 64).latents, reference.latents)
-    with pytest.raises(ValueError, match="need 4 pipelines"):
-        run_policy(pipes, spec, 64, 64, 4, config, "partial", reference)
+    assert torch.equal(run_one_worker(pipes[0], spec).latents, reference.latents)
+    with pytest.raises(ValueError, match="4 pipeline\\(s\\) needed here"):
+        run_policy(pipes, spec, 4, config, "partial", reference)
 
 
 def _train_log(work):
@@ -185,7 +186,7 @@ def test_train_demo_runs_end_to_end_and_stops_on_a_vae_that_loses_colours(tmp_pa
     through from_pretrained, and its colour gate stops a VAE that does not keep colours."""
     from diffusers import StableDiffusionPipeline
 
-    from pcpp_runtime.models.train_demo import main as train
+    from pcpp_runtime.models.demo_training.train import main as train
 
     tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2", "--batch", "2", "--threads", "1"]
     assert train(tiny + ["--out", str(tmp_path / "gated"), "--work", str(tmp_path / "w1")]) == 1  # 2 steps: no colours
@@ -237,7 +238,7 @@ def test_train_demo_vae_stage_in_bf16_autocast_is_the_same_computation_and_keeps
     it (so it is the same computation, rounded), and the weights it trains stay float32."""
     from diffusers import AutoencoderKL
 
-    from pcpp_runtime.models.train_demo import _Log, _parse, _train_vae
+    from pcpp_runtime.models.demo_training.train import _Log, _parse, _train_vae
 
     first = {}
     for precision in ("fp32", "bf16"):
@@ -260,7 +261,7 @@ def test_train_demo_unet_stop_after_saves_what_the_longer_runs_checkpoint_holds(
     (same VAE, pool and noise), and not its finished weights."""
     from safetensors.torch import load_file
 
-    from pcpp_runtime.models.train_demo import main as train
+    from pcpp_runtime.models.demo_training.train import main as train
 
     tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "3", "--batch", "2",
             "--threads", "1", "--min-vae-colours", "0"]
@@ -291,8 +292,8 @@ def test_train_demo_pool_cache_gives_the_encoded_pool_back_bit_for_bit(tmp_path)
     --one-shape-share is another pool, encoded and saved beside the first."""
     from safetensors.torch import load_file
 
-    from pcpp_runtime.models.latent_pool import load_pool, save_pool
-    from pcpp_runtime.models.train_demo import main as train
+    from pcpp_runtime.models.demo_training.latent_pool import load_pool, save_pool
+    from pcpp_runtime.models.demo_training.train import main as train
 
     tiny = ["--vae-steps", "2", "--vae-batch", "2", "--scenes", "8", "--unet-steps", "2", "--batch", "2",
             "--threads", "1", "--min-vae-colours", "0", "--eval-every", "0", "--pool-cache", str(tmp_path / "pools")]
@@ -319,7 +320,7 @@ def test_train_demo_pool_cache_gives_the_encoded_pool_back_bit_for_bit(tmp_path)
 
 
 def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(capsys, tmp_path):
-    from pcpp_runtime.models.train_demo import main as train
+    from pcpp_runtime.models.demo_training.train import main as train
 
     with pytest.raises(SystemExit):
         train(["--vae", str(tmp_path), "--vae-init", str(tmp_path)])
@@ -341,7 +342,7 @@ def test_train_demo_refuses_vae_together_with_vae_init_and_a_vae_lr_of_zero(caps
 def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_schedule():
     """--layout-share p: about p of the samples come from LAYOUT_FROM..999, the rest uniformly;
     p = 0 is plain uniform sampling, p = 1 never leaves the layout steps."""
-    from pcpp_runtime.models.train_demo import LAYOUT_FROM, _timesteps
+    from pcpp_runtime.models.demo_training.train import LAYOUT_FROM, _timesteps
 
     count = 20000
     uniform = _timesteps(count, 0.0, torch.Generator().manual_seed(0))
@@ -356,19 +357,19 @@ def test_train_demo_draws_the_layout_share_of_timesteps_from_the_top_of_the_sche
 
 
 def test_train_demo_refuses_to_run_under_another_import_path(capsys, monkeypatch):
-    """Imported as ``models.train_demo`` (the repository root on sys.path), the pipeline it saved
+    """Imported as ``models.demo_training.train`` (the repository root on sys.path), the pipeline it saved
     named ``models.positional_unet`` as the UNet's library, which no install can load: refused."""
     import importlib
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    stray = importlib.import_module("models.train_demo")
+    stray = importlib.import_module("models.demo_training.train")
     # arguments the parser refuses, so without the check this fails at once instead of training
     assert stray.main(["--vae-lr", "0"]) == 2
-    assert "run it as `python -m pcpp_runtime.models.train_demo`" in capsys.readouterr().err
+    assert "run it as `python -m pcpp_runtime.models.demo_training.train`" in capsys.readouterr().err
 
 
 def test_train_demo_refuses_a_layout_share_outside_0_to_1(capsys):
-    from pcpp_runtime.models.train_demo import main as train
+    from pcpp_runtime.models.demo_training.train import main as train
 
     with pytest.raises(SystemExit):
         train(["--layout-share", "1.5"])
@@ -378,7 +379,7 @@ def test_train_demo_refuses_a_layout_share_outside_0_to_1(capsys):
 def test_place_learning_benchmark_trains_and_probes_all_nine_places(tmp_path):
     """Two steps on an untrained VAE (not a measurement): the script trains, then reports one red
     centre (or "no red") per place and noise."""
-    from pcpp_runtime.models.demo_model import demo_components, write_word_tokenizer
+    from pcpp_runtime.models.demo_training.components import demo_components, write_word_tokenizer
     from transformers import CLIPTokenizer
 
     write_word_tokenizer(tmp_path / "tok")
@@ -401,7 +402,7 @@ def test_train_demo_pool_draws_the_one_shape_share_and_leaves_the_plain_stream_a
     """--one-shape-share 1: every caption names one shape; 0: exactly the scenes sample_scene
     draws from the same stream (the VAE stage's scenes do not move); 0.5: about half plus the
     third of the rest that has one shape anyway."""
-    from pcpp_runtime.models.train_demo import _scene_batch
+    from pcpp_runtime.models.demo_training.train import _scene_batch
 
     _, only_one = _scene_batch(np.random.default_rng(1), 40, 32, one_shape_share=1.0)
     assert all(" and " not in caption for caption in only_one)

@@ -8,7 +8,7 @@ import torch
 from engine_helpers import on_ranks
 from pcpp_runtime import ParallelConfig
 from pcpp_runtime.config import ConfigError
-from pcpp_runtime.generate import JobSpec
+from pcpp_runtime.jobs import JobSpec
 from pcpp_runtime.staging import StagedMessages
 from pcpp_runtime.threads import run_in_threads
 

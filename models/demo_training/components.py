@@ -1,10 +1,10 @@
 """The built-in ``demo`` model: a small ``StableDiffusionPipeline`` trained on :mod:`.shapes`.
 
-Components (untrained here; :mod:`.train_demo` trains them and saves the pipeline):
+Components (untrained here; :mod:`.train` trains them and saves the pipeline):
 
 * VAE: ``AutoencoderKL``, four blocks of 16/32/64/64 channels, 4 norm groups, factor 8, 4 latent channels
   (a 256 x 256 image has a 32 x 32 latent);
-* UNet: :class:`~.positional_unet.PositionalUNet2DConditionModel` (``UNet2DConditionModel`` plus
+* UNet: :class:`~pcpp_runtime.models.positional_unet.PositionalUNet2DConditionModel` (``UNet2DConditionModel`` plus
   a learnt position embedding of 32 x 32 positions added to ``conv_in``'s output), 32/64/64/128
   channels, one layer per block, group norm (16 groups), self- and cross-attention at the
   16 x 16, 8 x 8 and 4 x 4 resolutions (three down-samplings: strips align to 8 latent rows, so
@@ -15,23 +15,20 @@ Components (untrained here; :mod:`.train_demo` trains them and saves the pipelin
   (:func:`write_word_tokenizer`); other text falls back to single characters;
 * scheduler: DDIM with Stable Diffusion's scaled-linear betas.
 
-The trained weights live in ``models/demo/`` (23 MB of safetensors) and are loaded with
-``StableDiffusionPipeline.from_pretrained`` like any checkpoint.
+The trained weights live in ``models/demo/`` (:data:`pcpp_runtime.models.builtin.DEMO_DIR`, 23 MB of
+safetensors) and are loaded with ``StableDiffusionPipeline.from_pretrained`` like any checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..tiny.tokenizers import byte_characters, save_clip_tokenizer
+from ..tiny.unets import clip_text_config, sd_ddim_scheduler
 from .shapes import caption_words
-from .tiny import _byte_characters
-from .tiny_unets import clip_text_config, sd_ddim_scheduler
 
-__all__ = ["DEMO_DIR", "IMAGE_SIZE", "demo_components", "write_word_tokenizer"]
+__all__ = ["IMAGE_SIZE", "demo_components", "write_word_tokenizer"]
 
-#: where the trained pipeline is committed
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
 IMAGE_SIZE = 256
 MAX_TOKENS = 32
 
@@ -44,8 +41,6 @@ def write_word_tokenizer(folder: Path, words: list[str] | None = None) -> None:
     make, the words themselves and the two special tokens; ``merges.txt`` joins each word's pieces
     front to back, taking into account the merges earlier words added. A word outside the list is split into whatever pieces the merges make (never unknown).
     """
-    from transformers import CLIPTokenizer
-
     words = caption_words() if words is None else words
     vocab: dict[str, int] = {}
 
@@ -53,9 +48,9 @@ def write_word_tokenizer(folder: Path, words: list[str] | None = None) -> None:
         if token not in vocab:
             vocab[token] = len(vocab)
 
-    for char in _byte_characters():
+    for char in byte_characters():
         add(char)
-    for char in _byte_characters():
+    for char in byte_characters():
         add(char + "</w>")
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
@@ -67,11 +62,7 @@ def write_word_tokenizer(folder: Path, words: list[str] | None = None) -> None:
     merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
     add("<|startoftext|>")
     add("<|endoftext|>")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
-    tokenizer.save_pretrained(str(folder))
+    save_clip_tokenizer(folder, vocab, merges, MAX_TOKENS)
 
 
 def _apply_merges(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -105,7 +96,7 @@ def demo_components(tokenizer, seed: int = 0, position_embedding: bool = True) -
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .positional_unet import PositionalUNet2DConditionModel
+    from ..positional_unet import PositionalUNet2DConditionModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(

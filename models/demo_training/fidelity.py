@@ -1,10 +1,10 @@
 """Prompt fidelity of a shapes model, measured: does the colour a caption names dominate the cell
 of the 3 x 3 grid the caption names?
 
-    python -m pcpp_runtime.models.fidelity [--model demo] [--seeds 2]
+    python -m pcpp_runtime.models.demo_training.fidelity [--model demo] [--seeds 2]
 
 A case passes when, in the named cell, the named colour holds the most pixels of all shape
-colours and at least ``min_share`` of the cell (:func:`pcpp_runtime.models.shapes.region_colour_shares`
+colours and at least ``min_share`` of the cell (:func:`.shapes.region_colour_shares`
 classifies each pixel to its nearest palette colour). Cases are single-shape prompts, so the
 check is not confused by one shape hiding another.
 """
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--device", default="cpu", help="torch device to generate on (default %(default)s; e.g. cuda)")
     args = p.parse_args(argv)
-    from pcpp_runtime.generate import load_pipeline
+    from pcpp_runtime.pipelines import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,6 @@
 """A folder of encoded scene pools, so training runs that share a VAE and a pool encode it once.
 
-The UNet stage of :mod:`.train_demo` trains on ``--scenes`` scenes encoded by the VAE (about
+The UNet stage of :mod:`.train` trains on ``--scenes`` scenes encoded by the VAE (about
 5 minutes for 6000 on 2 cores). Runs that continue one another with ``--unet-init`` on the same
 VAE, seed and share of one-shape scenes encode the very same pool; with ``--pool-cache DIR`` the
 first run saves it and the later ones load it, bit for bit what they would have encoded.
@@ -66,7 +66,7 @@ def save_pool(folder: Path, key: str, latents, captions: list[str]) -> Path:
     temporary name and renamed, so a run stopped half-way leaves no partial pool behind."""
     from safetensors.torch import save_file
 
-    from ..generate import write_atomically
+    from ...files import write_atomically
 
     path = _path(folder, key)
     tensors = {"latents": latents.detach().cpu().contiguous()}

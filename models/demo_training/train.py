@@ -1,6 +1,6 @@
 """Train the built-in ``demo`` model on the procedural shapes data set (``make train-demo``).
 
-    python -m pcpp_runtime.models.train_demo [--out models/demo] [--work out/train-demo]
+    python -m pcpp_runtime.models.demo_training.train [--out models/demo] [--work out/train-demo]
 
 Three stages, on the CPU by default (``--device cuda`` for a GPU), reproducible from ``--seed``
 (same device, torch version and thread count):
@@ -54,9 +54,9 @@ __all__ = ["main"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from .demo_model import DEMO_DIR
+    from ..builtin import DEMO_DIR
 
-    p = argparse.ArgumentParser(prog="train_demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pcpp_runtime.models.demo_training.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEMO_DIR, help="where the trained pipeline is saved (default %(default)s)")
     p.add_argument("--work", type=Path, default=Path("out/train-demo"), help="log, loss curve, previews")
     p.add_argument("--seed", type=int, default=0)
@@ -273,7 +273,7 @@ def _train_vae(vae, args, rng, log) -> None:
 
 def _vae_colour_check(vae, rng, device: str, count: int = 48) -> float:
     """Share of fresh one-shape scenes whose VAE reconstruction still shows the shape's colour
-    as the strongest shape colour in its cell (:func:`pcpp_runtime.models.fidelity.check_image`):
+    as the strongest shape colour in its cell (:func:`.fidelity.check_image`):
     a VAE that loses colours cannot give a faithful model, whatever the UNet learns."""
     import numpy as np
     import torch
@@ -449,7 +449,7 @@ def _train_unet(unet, text_encoder, tokenizer, latents, captions, args, generato
 
 
 def _fidelity_now(unet, text_encoder, tokenizer, vae, scheduler) -> float:
-    """Share of :data:`~pcpp_runtime.models.fidelity.FIDELITY_PROMPTS` that pass at seed 0 when
+    """Share of :data:`~.fidelity.FIDELITY_PROMPTS` that pass at seed 0 when
     ``unet`` and ``text_encoder`` (in training, on their device) are put in a pipeline."""
     from diffusers import StableDiffusionPipeline
 
@@ -485,10 +485,10 @@ def _preview(folder: Path, target: Path, seed: int, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if __package__ != "pcpp_runtime.models":
-        # run as `python -m models.train_demo` from the repository root, the UNet's class would be
+    if __package__ != "pcpp_runtime.models.demo_training":
+        # run as `python -m models.demo_training.train` from the repository root, the UNet's class would be
         # models.positional_unet, and model_index.json would name a module no install has
-        print(f"train_demo: run it as `python -m pcpp_runtime.models.train_demo` (here it was imported as "
+        print(f"train_demo: run it as `python -m pcpp_runtime.models.demo_training.train` (here it was imported as "
               f"{__name__!r}): the saved model_index.json names the UNet's module by the path it was imported "
               f"from, and only pcpp_runtime.models.positional_unet loads", file=sys.stderr)
         return 2
@@ -496,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from .demo_model import demo_components, write_word_tokenizer
-    from .tiny_unets import save_sd_pipeline
+    from ..tiny.unets import save_sd_pipeline
+    from .components import demo_components, write_word_tokenizer
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.unet_init is not None:
         from transformers import CLIPTextModel
 
-        from .positional_unet import PositionalUNet2DConditionModel
+        from ..positional_unet import PositionalUNet2DConditionModel
 
         parts["unet"] = PositionalUNet2DConditionModel.from_pretrained(str(args.unet_init / "unet"))
         parts["text_encoder"] = CLIPTextModel.from_pretrained(str(args.unet_init / "text_encoder"))
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     log("encode", 0, scenes=len(captions), first_caption=captions[0], cached=cached,
         minutes=(time.perf_counter() - started) / 60)
 
-    from .tiny_unets import sd_ddim_scheduler
+    from ..tiny.unets import sd_ddim_scheduler
 
     zero_snr = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if args.zero_terminal_snr else {}
     parts["scheduler"] = sd_ddim_scheduler(prediction_type=args.prediction, **zero_snr)

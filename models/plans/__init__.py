@@ -1,4 +1,4 @@
-"""Model families: how each kind of diffusers denoiser is split into strips, plus small models.
+"""Model plans: how each family of diffusers denoiser is split into strips.
 
 :func:`plan_for` picks the family's plan for a model; a model of an unknown family is refused
 with the list of supported ones. docs/MODELS.md has the support table and how to add a family.
@@ -10,7 +10,7 @@ import importlib
 
 from torch import nn
 
-from .plan import LAYER_KINDS, LayerRule, ModelPlan, UnsupportedModelError
+from .base import LAYER_KINDS, LayerRule, ModelPlan, UnsupportedModelError
 
 __all__ = ["LAYER_KINDS", "LayerRule", "ModelPlan", "UnsupportedModelError", "plan_for", "SUPPORTED_FAMILIES"]
 
@@ -39,8 +39,8 @@ def plan_for(model: nn.Module) -> ModelPlan:
         supported = "; ".join(f"{cls} ({desc})" for cls, desc in SUPPORTED_FAMILIES.items())
         raise UnsupportedModelError(
             f"no plan for a {name}; supported: {supported}. To add one, write a function returning a "
-            f"ModelPlan in pcpp_runtime/models/<family>.py and register it for plan_for in _PLAN_BUILDERS "
-            f"and SUPPORTED_FAMILIES of pcpp_runtime/models/__init__.py (see docs/MODELS.md)"
+            f"ModelPlan in pcpp_runtime/models/plans/<family>.py and register it for plan_for in _PLAN_BUILDERS "
+            f"and SUPPORTED_FAMILIES of pcpp_runtime/models/plans/__init__.py (see docs/MODELS.md)"
         )
     module_name, function = builder.split(":")
     module = importlib.import_module(f"{__name__}.{module_name}")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import LayerRule, ModelPlan, UnsupportedModelError
+from .base import LayerRule, ModelPlan, UnsupportedModelError
 
 __all__ = ["dit_plan", "dit_strip_forward", "pixart_plan"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .plan import LayerRule, ModelPlan, UnsupportedModelError
+from .base import LayerRule, ModelPlan, UnsupportedModelError
 
 __all__ = ["unet_plan"]
 
@@ -26,7 +26,7 @@ def unet_plan(unet: nn.Module) -> ModelPlan:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 
-    from .positional_unet import LearntPositionEmbedding
+    from ..positional_unet import LearntPositionEmbedding
 
     config = unet.config
     if getattr(config, "center_input_sample", False):

@@ -1,7 +1,7 @@
 """Built-in tiny diffusion-transformer pipelines: ``tiny-dit`` and ``tiny-pixart``.
 
 Both have a 16 x 16 latent (a 32 x 32 image through the factor-2 VAE of
-:func:`pcpp_runtime.models.tiny_unets.tiny_vae`), 2 x 2 patches (an 8 x 8 token grid, strips
+:func:`.unets.tiny_vae`), 2 x 2 patches (an 8 x 8 token grid, strips
 align to 2 latent rows), two transformer blocks of width 32, and ``out_channels = 8``: they
 predict the noise and a variance ("learned sigma"), as the released checkpoints do.
 
@@ -53,7 +53,7 @@ def build_tiny_dit(folder: Path) -> None:
     import torch
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from .tiny_unets import tiny_vae
+    from .unets import tiny_vae
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(**_transformer_common(), num_embeds_ada_norm=1000)
@@ -68,7 +68,7 @@ def build_tiny_pixart(folder: Path) -> None:
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    from .tiny_unets import tiny_vae
+    from .unets import tiny_vae
 
     write_char_t5_tokenizer(folder / "tokenizer")
     tokenizer = T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))

@@ -1,7 +1,7 @@
 """Built-in tiny UNet pipelines: ``tiny-sd``, ``tiny-sd2`` and ``tiny-sdxl``.
 
 Random weights seeded per component (the same on every machine for a given torch version),
-character-level CLIP tokenizers (:func:`pcpp_runtime.models.tiny._write_char_tokenizer`), and
+character-level CLIP tokenizers (:func:`.tokenizers.write_char_tokenizer`), and
 a factor-2 VAE, so a 64 x 64 image has a 32 x 32 latent. Both UNets down-sample twice (strips
 align to 4 latent rows).
 
@@ -113,10 +113,10 @@ def build_tiny_sd(folder: Path, position_embedding: bool = False) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .positional_unet import PositionalUNet2DConditionModel
-    from .tiny import _write_char_tokenizer
+    from ..positional_unet import PositionalUNet2DConditionModel
+    from .tokenizers import write_char_tokenizer
 
-    _write_char_tokenizer(folder / "tokenizer")
+    write_char_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     torch.manual_seed(0)
     unet = (PositionalUNet2DConditionModel if position_embedding else UNet2DConditionModel)(
@@ -147,9 +147,9 @@ def build_tiny_sd2(folder: Path) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .tiny import _write_char_tokenizer
+    from .tokenizers import write_char_tokenizer
 
-    _write_char_tokenizer(folder / "tokenizer")
+    write_char_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -177,10 +177,10 @@ def build_tiny_sdxl(folder: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .tiny import _write_char_tokenizer
+    from .tokenizers import write_char_tokenizer
 
-    _write_char_tokenizer(folder / "tokenizer")
-    _write_char_tokenizer(folder / "tokenizer_2")
+    write_char_tokenizer(folder / "tokenizer")
+    write_char_tokenizer(folder / "tokenizer_2")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
     projection_dim = 32
