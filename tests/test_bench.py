@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from pcpp_runtime.bench import costmodel, netns, report, runner
+from pcpp_runtime.bench import costmodel, netns, report, runner, targets
 from pcpp_runtime.bench.model import MODELS, build_unet, parameter_count
 
 PCPP = [sys.executable, "-m", "pcpp_runtime.cli"]
 
 
-def test_benchmark_model_is_the_issues_sdxl_shaped_unet():
+def test_benchmark_model_is_an_sdxl_shaped_unet():
     unet = build_unet("bench")
     assert round(parameter_count(unet) / 1e6, 2) == 24.06
     config = unet.config
@@ -99,16 +99,20 @@ def test_plan_predicts_sdxl_on_gpus(tmp_path, capsys):
 
 
 def test_gpu_compute_measured_per_strip_or_ideal_scaling():
-    measured = costmodel.MEASURED_STRIP_TIMES["h100"]["ms"]
-    one, c_sync, c_disp = costmodel.gpu_compute("h100", 4, 1, "partial", 0.3)  # 8 GPUs in 2 CFG groups
+    """The strip times come from docs/benchmarks/gpu_strip_times.json (read as a user's file would be)."""
+    times = costmodel.GpuTimes.load(targets.default_data_file("gpu_strip_times.json"))
+    measured = times.strip_times["h100"]["ms"]
+    one, c_sync, c_disp = costmodel.gpu_compute(times, "h100", 4, 1, "partial", 0.3)  # 8 GPUs in 2 CFG groups
     assert one == measured[2][1]["stock"] / 1e3 and c_disp == measured[1][4]["partial(0.3)"] / 1e3
-    one, c_sync, c_disp = costmodel.gpu_compute("a100", 4, 1, "full")
+    one, c_sync, c_disp = costmodel.gpu_compute(times, "a100", 4, 1, "full")
     assert c_sync == c_disp == pytest.approx(one / 8)
-    assert costmodel.gpu_compute("h100", 4, 1, "full", step_time_s=0.8)[1:] == pytest.approx((0.1, 0.1))
+    assert costmodel.gpu_compute(times, "h100", 4, 1, "full", step_time_s=0.8)[1:] == pytest.approx((0.1, 0.1))
     with pytest.raises(ValueError, match=r"partial\(0.1\)"):
-        costmodel.gpu_compute("h100-eager", 2, 2, "partial", 0.1)
+        costmodel.gpu_compute(times, "h100-eager", 2, 2, "partial", 0.1)
     with pytest.raises(ValueError, match="unknown GPU compute"):
-        costmodel.gpu_compute("v100", 2, 2, "full")
+        costmodel.gpu_compute(times, "v100", 2, 2, "full")
+    with pytest.raises(ValueError, match="cannot read them"):
+        costmodel.GpuTimes.load(targets.default_data_file("targets.json"))  # not a strip times file
 
 
 def test_generation_time_is_compute_or_link_bound():
@@ -134,17 +138,20 @@ def test_generation_time_is_compute_or_link_bound():
 
 
 def test_formula_bytes_of_the_benchmark_model_meet_the_byte_targets():
-    """Bytes are a property of the model and the policy (no timing): the issue's byte targets."""
+    """Bytes are a property of the model and the policy (no timing): every byte target of
+    docs/benchmarks/targets.json holds on the formulas."""
     cache: dict = {}
-    mean = lambda ranks: sum(r["displaced"]["total"] for r in ranks) / len(ranks) / 1e6  # noqa: E731
-    two = costmodel.formula_bytes("bench", 64, 2, "partial", 0.3, cache=cache)
-    four_partial = costmodel.formula_bytes("bench", 64, 4, "partial", 0.3, cache=cache)
-    four_full = costmodel.formula_bytes("bench", 64, 4, "full", cache=cache)
-    assert max(r["displaced"]["total"] for r in two) / 1e6 <= 3.2
-    assert mean(four_partial) <= 2.7
-    assert max(r["displaced"]["total"] for r in four_full) / 1e6 <= 8.5
-    for rank in four_full:  # the per-exchange split adds up to the synchronous step's context
-        assert sum(rank["sync_layer_bytes"]) == rank["sync"]["total"] - rank["sync"]["output"]
+    byte_targets = [t for t in targets.load_targets(targets.default_data_file("targets.json")) if t["kind"] == "bytes"]
+    assert len(byte_targets) == 3
+    for target in byte_targets:
+        policy = runner.PolicySpec.parse(target["label"].replace("(", ":").rstrip(")"))
+        ranks = costmodel.formula_bytes("bench", target["latent"], target["world_size"], policy.name, policy.portion,
+                                        cache=cache)
+        per_rank = [r["displaced"]["total"] / 1e6 for r in ranks]
+        value = max(per_rank) if target["statistic"] == "max" else sum(per_rank) / len(per_rank)
+        assert value <= target["max_mb"], target
+        for rank in ranks:  # the per-exchange split adds up to the synchronous step's context
+            assert sum(rank["sync_layer_bytes"]) == rank["sync"]["total"] - rank["sync"]["output"]
 
 
 def _record(**fields):
@@ -169,17 +176,33 @@ def test_targets_report_measured_figures_and_misses(tmp_path, monkeypatch):
         "throttled_skipped": "the throttled-link mode needs root (ip netns add, tc qdisc)",
         "failures": [],
     }
-    targets = {t["target"]: t for t in report.evaluate_targets(results)}
-    assert targets["bytes-2w-partial"]["ok"] is True
-    assert targets["speedup-64-partial"]["ok"] is True
-    assert targets["speedup-128-partial"]["ok"] is False and "1.53x" in targets["speedup-128-partial"]["measured"]
-    assert targets["stale-memory"]["ok"] is False and "40.0%" in targets["stale-memory"]["measured"]
-    assert targets["throttled-100mbit"]["ok"] is None and "needs root" in targets["throttled-100mbit"]["measured"]
+    project = targets.load_targets(targets.default_data_file("targets.json"))
+    rows = {t["target"]: t for t in targets.evaluate_targets(results, project)}
+    assert rows["bytes-2w-partial"]["ok"] is True
+    assert rows["speedup-64-partial"]["ok"] is True
+    assert rows["speedup-128-partial"]["ok"] is False and "1.53x" in rows["speedup-128-partial"]["measured"]
+    assert rows["stale-memory"]["ok"] is False and "40.0%" in rows["stale-memory"]["measured"]
+    assert rows["throttled-100mbit"]["ok"] is None and "needs root" in rows["throttled-100mbit"]["measured"]
+    assert rows["world1"]["ok"] is None  # not measured in this run
     # without matplotlib: tables written, plots skipped with the way to get them
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    report.write_outputs(results, tmp_path, say=lambda _: None)
-    assert "pip install 'pcpp-runtime[bench]'" in (tmp_path / "results.md").read_text()
+    results["meta"]["targets_file"] = "targets.json"
+    report.write_outputs(results, tmp_path, targets=project, say=lambda _: None)
+    text = (tmp_path / "results.md").read_text()
+    assert "pip install 'pcpp-runtime[bench]'" in text and "From `targets.json`." in text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_malformed_targets_file_is_refused_naming_it(tmp_path):
+    bad = tmp_path / "targets.json"
+    bad.write_text('{"targets": [{"id": "x", "kind": "speed"}]}')
+    with pytest.raises(ValueError, match="targets.json.*needs an id and a kind of bytes"):
+        targets.load_targets(bad)
+    from pcpp_runtime.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--targets", str(bad), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
 
 
 def test_throttled_mode_skips_with_the_reason_when_not_root(monkeypatch):

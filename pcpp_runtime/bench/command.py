@@ -50,12 +50,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmark grid: policies x world sizes x latent sizes x transports, against one worker",
         description="Run the benchmark grid, each point in fresh worker processes next to one worker with the same "
-        "seed, and write results.json, results.csv, results.md and PNG plots into --out. Timings wait for a quiet "
-        "machine (no other pytest run, CPUs idle) and record the load.",
+        "seed, and write results.json, results.csv, results.md and PNG plots into --out, with the targets of --targets "
+        "checked. Timings wait for a quiet machine (CPUs idle) and record the load.",
     )
     g = p.add_argument_group("grid")
     g.add_argument("--model", default="bench", choices=("bench", "tiny"),
-                   help="bench: the SDXL-architecture UNet of issue 6 (24.06 M parameters); tiny: a small one for tests")
+                   help="bench (default): an SDXL-architecture UNet with narrow channels, 24.06 M parameters; tiny: the "
+                   "same layout, narrower and shallower, for tests")
     g.add_argument("--policies", type=_policies, default=None,
                    help="comma-separated: sync, full, none, partial (p = 0.3), partial:P (default sync,full,partial:0.3,none)")
     g.add_argument("--worlds", type=_ints, default=[1, 2, 4], help="world sizes (default 1,2,4; 1 = stock vs wrapped)")
@@ -94,20 +95,38 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="no PNG plots")
     g.add_argument("--replot", metavar="DIR", default=None, help="only rewrite the tables and plots of DIR/results.json")
+    default_targets = _default_file("targets.json")
+    g.add_argument("--targets", metavar="FILE", default=default_targets,
+                   help="targets to check the results against (JSON; default: docs/benchmarks/targets.json of this "
+                   f"checkout{', here ' + default_targets if default_targets else ', not found here'})")
+    g.add_argument("--no-targets", dest="targets", action="store_const", const=None, help="check no targets")
     p.set_defaults(func=_cmd_bench)
+
+
+def _default_file(name: str) -> str | None:
+    from .targets import default_data_file
+
+    path = default_data_file(name)
+    return None if path is None else str(path)
 
 
 def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .report import write_outputs
     from .runner import BenchOptions, PolicySpec, run_bench
+    from .targets import load_targets
 
+    try:
+        targets = load_targets(args.targets) if args.targets else None
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.replot:
         folder = Path(args.replot)
         try:
             results = json.loads((folder / "results.json").read_text())
         except (OSError, ValueError) as exc:
             parser.error(f"--replot {folder}: cannot read results.json: {exc}")
-        write_outputs(results, folder, plots=not args.no_plots)
+        results.setdefault("meta", {})["targets_file"] = args.targets
+        write_outputs(results, folder, targets=targets, plots=not args.no_plots)
         return 0
     if args.throttled_only and not args.throttle:
         parser.error("--throttled-only needs --throttle RATES")
@@ -151,6 +170,7 @@ def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         progress=not args.no_progress,
         plots=not args.no_plots,
         skip_grid=args.throttled_only,
+        targets=args.targets,
         command="pcpp " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:])),
     )
     try:
@@ -179,8 +199,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--links", type=_names, default=["nvlink4", "100gbe"],
                    help="nvlink (A100), nvlink4 (H100), 100gbe (default nvlink4,100gbe)")
     p.add_argument("--compute", default="h100",
-                   help="compute per strip: h100 (measured, CUDA graph: the GPU's own time; default), h100-eager "
-                   "(measured, the engine in eager PyTorch), a100 (published one-GPU step / GPUs)")
+                   help="compute per strip, a name in --strip-times: h100 (measured, CUDA graph: the GPU's own time; "
+                   "default), h100-eager (measured, the engine in eager PyTorch), a100 (published one-GPU step / GPUs)")
+    default_times = _default_file("gpu_strip_times.json")
+    p.add_argument("--strip-times", metavar="FILE", default=default_times,
+                   help="measured GPU strip times and published step times (JSON; default: "
+                   "docs/benchmarks/gpu_strip_times.json of this checkout"
+                   f"{', here ' + default_times if default_times else ', not found here'})")
     p.add_argument("--policies", type=_policies, default=None, help="default full,partial:0.3")
     p.add_argument("--step-time", type=float, default=None,
                    help="one-GPU UNet step (batch 2 with guidance) in seconds, divided by the GPUs (overrides --compute)")
@@ -234,11 +259,18 @@ def _cmd_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     print(f"  {record['latent']}² n={record['world_size']} {record['label']:13s} {record['transport']:5s} "
                           f"@{rate:8s} {pred['seconds']:7.2f} s  {row['speedup']:.2f}x")
         print()
-    known = [*costmodel.MEASURED_STRIP_TIMES, *costmodel.PUBLISHED_STEP_TIMES]
-    if args.compute not in known:
-        parser.error(f"unknown --compute {args.compute!r}; choose from {', '.join(known)}")
+    times = costmodel.GpuTimes()
+    if args.strip_times:
+        try:
+            times = costmodel.GpuTimes.load(args.strip_times)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.step_time is None and args.compute not in times.names():
+        known = ", ".join(times.names()) or f"none: no strip times file ({args.strip_times or 'give --strip-times FILE'})"
+        parser.error(f"unknown --compute {args.compute!r}; choose from {known}, or give --step-time")
     try:
         rows = costmodel.predict_gpus(
+            times,
             args.gpus, args.links, policies, compute=args.compute, step_time_s=args.step_time,
             fixed_s=args.fixed_ms / 1e3, latent=args.latent, steps=args.steps, warmup=args.warmup_steps,
             cfg_parallel=not args.no_cfg_parallel, cache=cache,
@@ -247,7 +279,7 @@ def _cmd_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     output["gpus"] = rows
     print(f"SDXL UNet at {8 * args.latent}x{8 * args.latent} px, {args.steps} steps ({args.warmup_steps} warm-up), fp16, "
-          f"guidance batch 2; {costmodel.gpu_compute_source(args.compute, args.step_time)}")
+          f"guidance batch 2; {costmodel.gpu_compute_source(times, args.compute, args.step_time)}")
     print(f"  {'GPUs':4s} {'layout':22s} {'link':28s} {'policy':13s} {'MB/step':>8s} {'compute':>8s} {'transfer':>9s} "
           f"{'step':>8s} {'speed-up':>8s}")
     for r in rows:

@@ -27,9 +27,9 @@ instead of ``b_j / bw``; GPU links have no such allowance.
 
 **GPUs** (:func:`predict_gpus`): bytes from the formulas on the real SDXL UNet's configuration
 built on the meta device (no weights); the links' transfers are modelled, compute is measured on
-one GPU for the strip's batch and height (:data:`MEASURED_STRIP_TIMES`, from
-``benchmarks/gpu_strip_compute.py``), and one GPU's step is the same measurement on the whole
-latent. ``compute="h100"`` (the default): the stock UNet on the strip replayed from a CUDA graph,
+one GPU for the strip's batch and height (:class:`GpuTimes`, a data file written from
+``benchmarks/gpu_strip_compute.py``'s runs), and one GPU's step is the same measurement on the
+whole latent. ``compute="h100"`` (the default): the stock UNet on the strip replayed from a CUDA graph,
 the GPU's own time (a lower bound on a strip's compute: an upper bound on speed-up);
 ``"h100-eager"``: the engine's synchronous and displaced steps in eager PyTorch on the lent
 machine, bound by its host's operator launches. ``compute="a100"`` (or ``step_time_s``) divides a
@@ -39,14 +39,15 @@ published one-GPU step time by the number of GPUs instead (ideal scaling).
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "LINKS",
-    "MEASURED_STRIP_TIMES",
-    "PUBLISHED_STEP_TIMES",
+    "GpuTimes",
     "Link",
     "check_throttled",
     "formula_bytes",
@@ -104,59 +105,37 @@ LINKS: dict[str, Link] = {
     ),
 }
 
-#: Published one-GPU SDXL step times at 1024x1024 (UNet with classifier-free guidance, batch 2, fp16)
-PUBLISHED_STEP_TIMES: dict[str, dict[str, Any]] = {
-    "a100": {
-        "seconds": 5.933 / 50,
-        "source": "fal-ai/stable-diffusion-benchmarks README: Diffusers SDXL (torch 2.1, SDPA), A100 80G SXM, "
-        "1024x1024, 50 steps, fp16: 5.933 s mean, 8.43 it/s (end to end, so 0.119 s/step bounds the UNet step)",
-    },
-}
+@dataclasses.dataclass(frozen=True)
+class GpuTimes:
+    """GPU compute figures from a data file (``docs/benchmarks/gpu_strip_times.json``).
 
+    Attributes:
+        strip_times: name -> ``{"card", "source", "ms"}`` with ``ms[batch][strips][kind]`` one
+            strip's denoiser call in milliseconds, measured on one GPU (``benchmarks/gpu_strip_compute.py``):
+            kind ``stock`` (the unwrapped UNet on the strip alone), ``sync`` (a synchronous step),
+            ``full`` and ``partial(0.3)`` (a displaced step); one strip is the whole latent, and
+            ``ms[2][1]["stock"]`` is one GPU's step with the guidance batch of 2.
+        published_step_times: name -> ``{"seconds", "source"}``, a published one-GPU step time
+            (UNet with classifier-free guidance, batch 2) that is divided by the GPUs.
+    """
 
-#: One strip's denoiser call measured on one GPU by ``benchmarks/gpu_strip_compute.py`` (the runs:
-#: docs/benchmarks/gpu_strip_h100.json and gpu_strip_h100_run1.json): SDXL base UNet configuration
-#: with random weights, float16, 128x128 latent (1024x1024 px), in milliseconds,
-#: ``ms[batch][strips][kind]`` with kind ``stock`` (the unwrapped UNet on the strip alone), ``sync``
-#: (a synchronous step), ``full`` and ``partial(0.3)`` (a displaced step of those policies). One strip
-#: is the whole latent, and ``ms[2][1]["stock"]`` is one GPU's step with the guidance batch of 2.
-def _same(ms: float) -> dict[str, float]:
-    return {"stock": ms, "sync": ms, "full": ms, "partial(0.3)": ms}
+    strip_times: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    published_step_times: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def load(cls, path: str | Path) -> GpuTimes:
+        try:
+            data = json.loads(Path(path).read_text())
+            strip_times = {
+                name: dict(entry, ms={int(b): {int(n): dict(kinds) for n, kinds in per.items()} for b, per in entry["ms"].items()})
+                for name, entry in data["strip_times"].items()
+            }
+            return cls(strip_times, dict(data.get("published_step_times", {})))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"GPU strip times {path}: cannot read them ({type(exc).__name__}: {exc})") from None
 
-MEASURED_STRIP_TIMES: dict[str, dict[str, Any]] = {
-    "h100": {
-        "card": "NVIDIA H100 80GB HBM3",
-        "source": "benchmarks/gpu_strip_compute.py, 2026-11-27, torch 2.11.0+cu130, diffusers 0.42.1: the stock UNet "
-        "on the strip captured in a CUDA graph and replayed, median of 10 -- the GPU's own time, no host launch cost; "
-        "the engine's halo rows and extra attention keys are not in it, so every kind is this lower bound",
-        "ms": {
-            2: {1: _same(43.16), 2: _same(25.17), 4: _same(17.21), 8: _same(13.63)},
-            1: {1: _same(27.34), 2: _same(18.1), 4: _same(13.73), 8: _same(12.33)},
-        },
-    },
-    "h100-eager": {
-        "card": "NVIDIA H100 80GB HBM3",
-        "source": "benchmarks/gpu_strip_compute.py, 2026-11-27, torch 2.11.0+cu130, diffusers 0.42.1: eager PyTorch, "
-        "the engine's middle rank over a compute-only transport (no communication), median synchronous and displaced "
-        "step of a 14-step generation, the smaller of two runs; bound by the lent machine's host launching thousands of "
-        "operators per call (63-75 ms for the stock UNet whatever the strip; runs differ by up to 2x)",
-        "ms": {
-            2: {
-                1: {"stock": 127.1, "sync": 127.1, "full": 127.1, "partial(0.3)": 127.1},
-                2: {"stock": 120.8, "sync": 186.5, "full": 185.4, "partial(0.3)": 116.1},
-                4: {"stock": 63.4, "sync": 110.6, "full": 123.5, "partial(0.3)": 116.7},
-                8: {"stock": 66.4, "sync": 119.1, "full": 138.0, "partial(0.3)": 118.6},
-            },
-            1: {
-                1: {"stock": 75.1, "sync": 75.1, "full": 75.1, "partial(0.3)": 75.1},
-                2: {"stock": 65.1, "sync": 111.2, "full": 119.0, "partial(0.3)": 113.4},
-                4: {"stock": 72.3, "sync": 117.4, "full": 126.8, "partial(0.3)": 130.4},
-                8: {"stock": 75.2, "sync": 134.4, "full": 153.2, "partial(0.3)": 138.6},
-            },
-        },
-    },
-}
+    def names(self) -> list[str]:
+        return [*self.strip_times, *self.published_step_times]
 
 
 # ---------------------------------------------------------------------- bytes from the formulas
@@ -168,7 +147,7 @@ def _probe(model: str, latent: int, cache: dict | None):
     import torch
 
     from pcpp_runtime.formulas import probe_layer_shapes
-    from pcpp_runtime.models import plan_for
+    from pcpp_runtime.models.plans import plan_for
 
     from .model import build_unet, make_inputs
 
@@ -349,14 +328,15 @@ def _policy_key(policy: str, portion: float) -> str:
 
 
 def gpu_compute(
-    compute: str, strips: int, batch: int, policy: str, portion: float = 0.3, step_time_s: float | None = None
+    times: GpuTimes, compute: str, strips: int, batch: int, policy: str, portion: float = 0.3,
+    step_time_s: float | None = None,
 ) -> tuple[float, float, float]:
     """(one GPU's step with the guidance batch of 2, ``C_sync``, ``C_disp``) in seconds for
-    ``strips`` strips of a ``batch``: measured per strip (a card of :data:`MEASURED_STRIP_TIMES`), or
-    a one-GPU step divided by the GPUs sharing it (``step_time_s``, or a card of
-    :data:`PUBLISHED_STEP_TIMES`)."""
-    if step_time_s is None and compute in MEASURED_STRIP_TIMES:
-        table = MEASURED_STRIP_TIMES[compute]["ms"]
+    ``strips`` strips of a ``batch``: measured per strip (``times.strip_times[compute]``), or a
+    one-GPU step divided by the GPUs sharing it (``step_time_s``, or
+    ``times.published_step_times[compute]``)."""
+    if step_time_s is None and compute in times.strip_times:
+        table = times.strip_times[compute]["ms"]
         if batch not in table or strips not in table[batch]:
             raise ValueError(f"{compute}: no measured strip time for batch {batch} in {strips} strips "
                              f"(measured: batches {sorted(table)}, strips {sorted(table[2])})")
@@ -367,28 +347,28 @@ def gpu_compute(
                              "give a one-GPU step time (ideal scaling) instead")
         return table[2][1]["stock"] / 1e3, times["sync"] / 1e3, times[key] / 1e3
     if step_time_s is None:
-        if compute not in PUBLISHED_STEP_TIMES:
-            raise ValueError(f"unknown GPU compute {compute!r}; choose from "
-                             f"{', '.join([*MEASURED_STRIP_TIMES, *PUBLISHED_STEP_TIMES])}")
-        step_time_s = PUBLISHED_STEP_TIMES[compute]["seconds"]
+        if compute not in times.published_step_times:
+            raise ValueError(f"unknown GPU compute {compute!r}; choose from {', '.join(times.names()) or 'none (no strip times file)'}")
+        step_time_s = times.published_step_times[compute]["seconds"]
     share = step_time_s / (strips * (2 // batch))  # GPUs sharing the step: strips x CFG groups
     return step_time_s, share, share
 
 
-def gpu_compute_source(compute: str, step_time_s: float | None = None) -> str:
+def gpu_compute_source(times: GpuTimes, compute: str, step_time_s: float | None = None) -> str:
     """One line saying where :func:`predict_gpus`'s compute comes from."""
     if step_time_s is not None:
         return f"one GPU {step_time_s * 1e3:.1f} ms/step (given), divided by the GPUs: ideal scaling, an upper bound"
-    if compute in MEASURED_STRIP_TIMES:
-        m = MEASURED_STRIP_TIMES[compute]
+    if compute in times.strip_times:
+        m = times.strip_times[compute]
         return (f"compute per strip measured on {m['card']} ({m['source']}); one GPU "
                 f"{m['ms'][2][1]['stock']:.1f} ms/step; link transfers modelled")
-    p = PUBLISHED_STEP_TIMES[compute]
+    p = times.published_step_times[compute]
     return (f"one GPU {p['seconds'] * 1e3:.1f} ms/step ({p['source']}), divided by the GPUs: ideal scaling, "
             "an upper bound")
 
 
 def predict_gpus(
+    times: GpuTimes,
     gpus: Sequence[int] = (4, 8),
     links: Sequence[str] = ("nvlink4", "100gbe"),
     policies: Sequence[tuple[str, float]] = (("full", 0.3), ("partial", 0.3)),
@@ -407,7 +387,7 @@ def predict_gpus(
 
     With ``cfg_parallel`` (DistriFusion's default) the two halves of the guidance batch go to two
     groups of N/2 GPUs, each splitting its half (batch 1) into N/2 strips; otherwise all N GPUs
-    split the batch of 2. Compute per strip (:func:`gpu_compute`): measured on ``compute``'s card
+    split the batch of 2. Compute per strip (:func:`gpu_compute` on ``times``): measured on ``compute``'s card
     for that batch and strip height, or ``step_time_s`` (a one-GPU step) divided by N; plus
     ``fixed_s``. The baseline is one GPU running the batch of 2 on the whole latent.
     """
@@ -418,7 +398,7 @@ def predict_gpus(
         for link_name in links:
             link = LINKS[link_name]
             for policy, portion in policies:
-                c1, c_sync, c_disp = gpu_compute(compute, strips, batch, policy, portion, step_time_s)
+                c1, c_sync, c_disp = gpu_compute(times, compute, strips, batch, policy, portion, step_time_s)
                 c_sync, c_disp = c_sync + fixed_s, c_disp + fixed_s
                 ranks = formula_bytes("sdxl", latent, strips, policy, portion, steps=steps, warmup=warmup, batch=batch,
                                       element_size=element_size, cfg_split=cfg_parallel, cache=cache)

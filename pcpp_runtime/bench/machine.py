@@ -1,12 +1,8 @@
-"""Is the machine quiet enough to time on? Load, other test runs, and CPU used by others.
+"""Is the machine quiet enough to time on? Load, and CPU used by others.
 
 Timings on a shared machine mean something only when nothing else runs. Before each timed point
-the runner waits until
-
-* no other ``pytest`` process runs (this process's own ancestors do not count: ``make test``
-  runs the benchmark's smoke test under pytest), and
-* the CPUs were busy less than ``max_busy`` cores over a short sample (``/proc/stat``), and,
-  if asked, the 1-minute load average is below ``max_load``.
+the runner waits until the CPUs were busy less than ``max_busy`` cores over a short sample
+(``/proc/stat``) and, if asked, the 1-minute load average is below ``max_load``.
 
 The load average is recorded but not used by default: it is a one-minute moving average that
 still counts the benchmark's own previous point for a minute after it ended, while the sample
@@ -23,7 +19,7 @@ import resource
 import time
 from collections.abc import Callable
 
-__all__ = ["CpuMeter", "Quiet", "busy_cores", "loadavg", "other_pytests", "wait_for_quiet"]
+__all__ = ["CpuMeter", "Quiet", "busy_cores", "loadavg", "wait_for_quiet"]
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -34,36 +30,6 @@ def loadavg() -> list[float]:
             return [float(x) for x in f.read().split()[:3]]
     except (OSError, ValueError):
         return [float("nan")] * 3
-
-
-def _ancestors() -> set[int]:
-    pids = set()
-    pid = os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
-def other_pytests() -> int:
-    """How many pytest processes run that are not this process or its ancestors."""
-    mine = _ancestors()
-    count = 0
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit() or int(entry) in mine:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"pytest" in cmdline:
-            count += 1
-    return count
 
 
 def _busy_jiffies() -> tuple[int, int]:
@@ -121,7 +87,6 @@ class Quiet:
     """The state of the machine just before a timed run."""
 
     loadavg: list[float]
-    other_pytests: int
     busy_cores: float
     waited_seconds: float
     quiet: bool
@@ -143,17 +108,13 @@ def wait_for_quiet(
     start = time.monotonic()
     told = False
     while True:
-        pytests = other_pytests()
         busy = busy_cores(sample_s)
         load = loadavg()
-        quiet = pytests == 0 and busy < max_busy and (max_load is None or load[0] < max_load)
+        quiet = busy < max_busy and (max_load is None or load[0] < max_load)
         waited = time.monotonic() - start
         if quiet or waited >= max_wait_s:
-            return Quiet(load, pytests, busy, waited, quiet)
+            return Quiet(load, busy, waited, quiet)
         if say is not None and not told:
-            say(
-                f"waiting for a quiet machine (load {load[0]:.2f}, {busy:.2f} cores busy, "
-                f"{pytests} other pytest run(s)); up to {max_wait_s:.0f} s"
-            )
+            say(f"waiting for a quiet machine (load {load[0]:.2f}, {busy:.2f} cores busy); up to {max_wait_s:.0f} s")
             told = True
         time.sleep(poll_s)

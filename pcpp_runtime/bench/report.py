@@ -7,15 +7,17 @@ written and the report says how to get the plots.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TARGETS", "evaluate_targets", "markdown", "write_outputs"]
+from ..accounting import KINDS
+from ..files import write_atomically, write_json, write_text
+from .targets import evaluate_targets, find_records
 
-KINDS = ("attention_kv", "halo", "norm", "output")
+__all__ = ["markdown", "write_outputs"]
+
 MB = 1e6
 
 CSV_FIELDS = (
@@ -50,108 +52,6 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
         "busy_cores_before": before.get("busy_cores"),
         "foreign_cpu_cores": max(foreign) if foreign else None,
     }
-
-
-# ---------------------------------------------------------------------- targets
-TARGETS = (
-    ("bytes-2w-partial", "partial(0.3), 2 workers, 64x64: received per rank per step <= 3.2 MB (references 5.88)"),
-    ("bytes-4w-partial", "partial(0.3), 4 workers, 64x64: received per step, mean over ranks <= 2.7 MB (references 11.29; 7.10-9.19)"),
-    ("bytes-4w-full", "full, 4 workers, 64x64: received per rank per step <= 8.5 MB"),
-    ("speedup-128-partial", "2 workers, partial(0.3), 128x128, process transport: speed-up >= 1.90x"),
-    ("speedup-64-partial", "2 workers, partial(0.3), 64x64, process transport: speed-up >= 1.65x"),
-    ("speedup-128-full", "2 workers, full, 128x128, process transport: speed-up >= 1.85x"),
-    ("world1", "world size 1: wrapped within 1% of stock"),
-    ("stale-memory", "4 workers: stale-context buffers of partial(0.3) <= 35% of full's, per worker"),
-    ("throttled-100mbit", "100 Mbit/s, 128x128, 2 workers: partial(0.3) >= 1.5x over one worker and >= 15% faster than full"),
-)
-
-
-def _find(records, **want) -> list[dict[str, Any]]:
-    return [r for r in records if all(r.get(k) == v for k, v in want.items())]
-
-
-def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per target: measured figure(s), pass/fail (``None``: not measured in this run)."""
-    points = results.get("points", [])
-    throttled = results.get("throttled", [])
-    rows = []
-
-    def row(key: str, ok: bool | None, measured: str) -> None:
-        text = dict(TARGETS)[key]
-        rows.append({"target": key, "description": text, "ok": ok, "measured": measured})
-
-    def bytes_target(key, latent, world, label, limit, use):
-        found = _find(points, latent=latent, world_size=world, label=label)
-        if not found:
-            return row(key, None, "not measured")
-        values = [r["received_per_step_mean"] if use == "mean" else r["received_per_step_max"] for r in found]
-        worst = max(values) / MB
-        detail = ", ".join(f"{r['transport']}: mean {r['received_per_step_mean'] / MB:.2f}, max {r['received_per_step_max'] / MB:.2f} MB" for r in found)
-        row(key, worst <= limit, detail)
-
-    bytes_target("bytes-2w-partial", 64, 2, "partial(0.3)", 3.2, "max")
-    bytes_target("bytes-4w-partial", 64, 4, "partial(0.3)", 2.7, "mean")
-    bytes_target("bytes-4w-full", 64, 4, "full", 8.5, "max")
-
-    def speed_target(key, latent, label, limit):
-        found = [r for r in _find(points, latent=latent, world_size=2, label=label) if r["transport"] in ("zmq", "torch", "mpi")]
-        if not found:
-            return row(key, None, "not measured")
-        detail = "; ".join(
-            f"{r['transport']}: {r['speedup']:.2f}x ({r['seconds']:.2f} s vs {r['baseline_seconds']:.2f} s"
-            f"{', contended' if r.get('contended') else ''})" for r in found
-        )
-        row(key, all(r["speedup"] >= limit for r in found), detail)
-
-    speed_target("speedup-128-partial", 128, "partial(0.3)", 1.90)
-    speed_target("speedup-64-partial", 64, "partial(0.3)", 1.65)
-    speed_target("speedup-128-full", 128, "full", 1.85)
-
-    found = [r for r in points if r.get("kind") == "world1"]
-    if found:
-        detail = "; ".join(
-            f"{r['latent']}x{r['latent']}: stock {r['baseline_seconds']:.2f} s, wrapped {r['seconds']:.2f} s "
-            f"({r['overhead_pct']:+.2f}%; medians of {len(r['stock_seconds_runs'])} runs each), identical={r['identical']}"
-            for r in found
-        )
-        row("world1", all(abs(r["overhead_pct"]) <= 1.0 for r in found), detail)
-    else:
-        row("world1", None, "not measured")
-
-    pairs = []
-    for latent in sorted({r["latent"] for r in points}):
-        for transport in sorted({r["transport"] for r in points}):
-            partial = _find(points, latent=latent, world_size=4, label="partial(0.3)", transport=transport)
-            full = _find(points, latent=latent, world_size=4, label="full", transport=transport)
-            if partial and full:
-                ratios = [p / f for p, f in zip(partial[0]["stale_buffer_bytes"], full[0]["stale_buffer_bytes"]) if f]
-                pairs.append((latent, transport, max(ratios), partial[0], full[0]))
-    if pairs:
-        detail = "; ".join(
-            f"{latent}x{latent} {transport}: worst rank {100 * ratio:.1f}% "
-            f"({max(p['stale_buffer_bytes']) / MB:.2f} MB vs {max(f['stale_buffer_bytes']) / MB:.2f} MB)"
-            for latent, transport, ratio, p, f in pairs
-        )
-        row("stale-memory", all(ratio <= 0.35 for _, _, ratio, _, _ in pairs), detail)
-    else:
-        row("stale-memory", None, "not measured")
-
-    checks = []
-    for transport in sorted({r["transport"] for r in throttled}):
-        partial = _find(throttled, latent=128, link="100mbit", label="partial(0.3)", transport=transport)
-        full = _find(throttled, latent=128, link="100mbit", label="full", transport=transport)
-        if partial and full:
-            p, f = partial[0], full[0]
-            gain = f["seconds"] / p["seconds"] - 1.0
-            checks.append((transport, p["speedup"] >= 1.5 and gain >= 0.15,
-                           f"{transport}: partial {p['speedup']:.2f}x ({p['seconds']:.1f} s), full {f['speedup']:.2f}x "
-                           f"({f['seconds']:.1f} s): partial {100 * gain:+.1f}% faster"))
-    if checks:
-        row("throttled-100mbit", all(ok for _, ok, _ in checks), "; ".join(text for _, _, text in checks))
-    else:
-        reason = results.get("throttled_skipped")
-        row("throttled-100mbit", None, f"not measured ({reason})" if reason else "not measured")
-    return rows
 
 
 # ---------------------------------------------------------------------- markdown
@@ -251,10 +151,14 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
                 f"{c['error_pct']:+.1f}% | {c['predicted_speedup']:.2f}x / {c['measured_speedup']:.2f}x |"
             )
         lines.append("")
-    lines += ["## Targets", "", "| target | measured | holds |", "| --- | --- | --- |"]
-    for t in results.get("targets", []):
-        ok = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
-        lines.append(f"| {t['description']} | {t['measured']} | {ok} |")
+    lines += ["## Targets", ""]
+    if results.get("targets"):
+        lines += [f"From `{meta.get('targets_file')}`.", "", "| target | measured | holds |", "| --- | --- | --- |"]
+        for t in results["targets"]:
+            ok = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
+            lines.append(f"| {t['description']} | {t['measured']} | {ok} |")
+    else:
+        lines.append("No targets file (`pcpp bench --targets FILE`).")
     lines.append("")
     failures = results.get("failures") or []
     if failures:
@@ -285,7 +189,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             worlds_all = sorted({r["world_size"] for r in points if r["latent"] == latent} | {1})
             ax.plot(worlds_all, worlds_all, ":", color="grey", label="ideal")
             for label, transport in series:
-                rs = sorted(_find(parallel, latent=latent, label=label, transport=transport), key=lambda r: r["world_size"])
+                rs = sorted(find_records(parallel, latent=latent, label=label, transport=transport), key=lambda r: r["world_size"])
                 xs = [1] + [r["world_size"] for r in rs]
                 ys = [world1[0]["speedup"] if world1 else 1.0] + [r["speedup"] for r in rs]
                 ax.plot(xs, ys, "o-", label=f"{label} ({transport})")
@@ -306,7 +210,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         for kind in KINDS:
             values = []
             for latent, world, label in groups:
-                rs = _find(parallel, latent=latent, world_size=world, label=label)
+                rs = find_records(parallel, latent=latent, world_size=world, label=label)
                 values.append(rs[0]["received_by_kind_mean"][kind] / MB)
             ax.bar(range(len(groups)), values, bottom=bottoms, label=kind)
             bottoms = [b + v for b, v in zip(bottoms, values)]
@@ -352,7 +256,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             for label, transport in sorted({(r["label"], r["transport"]) for r in throttled if r["latent"] == latent}):
                 xs, ys = [], []
                 for i, link in enumerate(links):
-                    rs = _find(throttled, latent=latent, label=label, transport=transport, link=link)
+                    rs = find_records(throttled, latent=latent, label=label, transport=transport, link=link)
                     if rs:
                         xs.append(i)
                         ys.append(rs[0]["speedup"])
@@ -372,10 +276,19 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------- all files
-def write_outputs(results: dict[str, Any], out: Path, *, plots: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+def write_outputs(
+    results: dict[str, Any],
+    out: Path,
+    *,
+    targets: list[dict[str, Any]] | None = None,
+    plots: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Check ``targets`` (:mod:`.targets`; ``None``: none) and write ``results.json``,
+    ``results.csv``, ``results.md`` and the plots into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results["targets"] = evaluate_targets(results)
+    results["targets"] = evaluate_targets(results, targets) if targets else []
     if results.get("throttled"):
         try:
             from .costmodel import check_throttled
@@ -394,21 +307,18 @@ def write_outputs(results: dict[str, Any], out: Path, *, plots: bool = True, say
             )
             say(results["plots_skipped"])
     results["plots"] = written
-    _atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_json(out / "results.json", results, indent=1)
     rows = [_flat(r) for r in results.get("points", []) + results.get("throttled", [])]
-    staging = out / ".results.csv.partial"
-    with open(staging, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row)
-    staging.replace(out / "results.csv")
-    _atomic(out / "results.md", markdown(results, written) + "\n")
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+
+    write_atomically(out / "results.csv", write_csv)
+    write_text(out / "results.md", markdown(results, written) + "\n")
     say(f"wrote {out}/results.json, results.csv, results.md" + (f" and {', '.join(written)}" if written else ""))
     return results
 
-
-def _atomic(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(text)
-    staging.replace(path)

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..accounting import KINDS
+from ..files import write_json
 from ..launch.local import CPU_BIND_MODES
 from . import machine
 from .worker import PROGRESS_PREFIX
@@ -42,7 +44,6 @@ from .worker import PROGRESS_PREFIX
 __all__ = ["BenchOptions", "Point", "PolicySpec", "run_bench"]
 
 _PROGRESS_RE = re.compile(re.escape(PROGRESS_PREFIX) + r" (\d+) (\d+)")
-KINDS = ("attention_kv", "halo", "norm", "output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ class BenchOptions:
     progress: bool = True
     plots: bool = True
     skip_grid: bool = False  # only the throttled-link points
+    targets: str | None = None  # a targets file (.targets); None: no targets checked
     command: str = ""
 
 
@@ -254,17 +256,6 @@ def _load_latent(path: Path):
     return torch.load(path, weights_only=True)
 
 
-def _psnr(test, reference) -> tuple[float | None, float, bool]:
-    import math
-
-    import torch
-
-    from pcpp_runtime.generate import psnr
-
-    value = psnr(test, reference)
-    return (None if math.isinf(value) else value), float((test - reference).abs().max()), bool(torch.equal(test, reference))
-
-
 class Runner:
     def __init__(self, options: BenchOptions, say: Callable[[str], None] = print) -> None:
         self.options = options
@@ -277,7 +268,7 @@ class Runner:
     def quiet(self) -> dict[str, Any]:
         o = self.options
         if not o.wait:
-            return machine.Quiet(machine.loadavg(), machine.other_pytests(), float("nan"), 0.0, True).to_dict()
+            return machine.Quiet(machine.loadavg(), float("nan"), 0.0, True).to_dict()
         state = machine.wait_for_quiet(max_busy=o.max_busy, max_load=o.max_load, max_wait_s=o.quiet_wait, say=self.say)
         if not state.quiet:
             self.say(f"  the machine did not become quiet within {o.quiet_wait:.0f} s; measuring anyway (flagged)")
@@ -421,7 +412,9 @@ class Runner:
         ranks = result["ranks"]
         latents = _load_latent(out / "latent.pt")
         reference = _load_latent(Path(base["latent_path"]))
-        psnr_db, max_diff, identical = _psnr(latents, reference)
+        from pcpp_runtime.metrics import compare_latents
+
+        comparison = compare_latents(latents, reference)
         seconds = statistics.median(r["seconds"] for r in runs)
         baseline_seconds = statistics.median(r["baseline_seconds"] for r in runs)
         received = [r["received_per_step"]["total"] for r in ranks]
@@ -438,9 +431,9 @@ class Runner:
             "baseline_seconds": baseline_seconds,
             "speedup": baseline_seconds / seconds,
             "runs": runs,
-            "psnr_db": psnr_db,
-            "max_abs_diff": max_diff,
-            "identical": identical,
+            "psnr_db": comparison.psnr_db,
+            "max_abs_diff": comparison.max_abs_diff,
+            "identical": comparison.identical,
             "received_per_step": received,
             "received_per_step_mean": sum(received) / world,
             "received_per_step_max": max(received),
@@ -577,6 +570,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
     """Run the grid (and the throttled-link points), write the output folder, return the results."""
     from .model import MODELS
     from .report import write_outputs
+    from .targets import load_targets
 
     if options.model not in MODELS or options.model == "sdxl":
         raise ValueError(f"pcpp bench runs the models bench and tiny, not {options.model!r}")
@@ -584,6 +578,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
         raise ValueError(f"--baseline is per-point or shared, got {options.baseline!r}")
     if options.cpu_bind not in CPU_BIND_MODES:
         raise ValueError(f"--cpu-bind is one of {', '.join(CPU_BIND_MODES)}, got {options.cpu_bind!r}")
+    targets = load_targets(options.targets) if options.targets else None
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = MODELS[options.model]
@@ -598,6 +593,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
             "seed": options.seed,
             "baseline": options.baseline,
             "cpu_bind": options.cpu_bind,
+            "targets_file": options.targets,
             "options": _jsonable(dataclasses.asdict(options)),
             "machine": _machine_info(),
         },
@@ -619,7 +615,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = print) -> dict
     if options.throttle:
         _run_throttled(options, runner, results, say)
     results["meta"]["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    write_outputs(results, out, plots=options.plots, say=say)
+    write_outputs(results, out, targets=targets, plots=options.plots, say=say)
     return results
 
 
@@ -652,10 +648,7 @@ def _run_throttled(options: BenchOptions, runner: Runner, results: dict[str, Any
 
 
 def _save(out: Path, results: dict[str, Any]) -> None:
-    path = out / "results.json"
-    staging = path.with_name(".results.json.partial")
-    staging.write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
-    staging.replace(path)
+    write_json(out / "results.json", results, indent=1)
 
 
 def _jsonable(value: Any) -> Any:

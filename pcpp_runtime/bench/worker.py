@@ -23,6 +23,7 @@ can draw a progress bar. Network-namespace runs pass the addresses to bind throu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,17 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pcpp_runtime.accounting import peak_rss_bytes
+from pcpp_runtime.files import write_json
+
 PROGRESS_PREFIX = "@@pcpp-bench progress"
 
 
 def _progress(done: int, total: int) -> None:
     print(f"{PROGRESS_PREFIX} {done} {total}", flush=True)
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _prepare() -> None:
@@ -52,12 +50,6 @@ def _prepare() -> None:
     import torch
 
     torch.set_num_threads(1)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    staging = path.with_name(f".{path.name}.partial")
-    staging.write_text(json.dumps(data, indent=1) + "\n")
-    staging.replace(path)
 
 
 def run_baseline(spec: dict[str, Any], out: Path, report_progress: bool = True) -> dict[str, Any]:
@@ -86,10 +78,10 @@ def run_baseline(spec: dict[str, Any], out: Path, report_progress: bool = True) 
         "seconds": seconds,
         "step_seconds": steps,
         "cpu_seconds": cpu,
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "torch_threads": torch.get_num_threads(),
     }
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result, indent=1)
     return result
 
 
@@ -138,42 +130,40 @@ def run_overhead(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "stock_seconds": times["stock"],
         "wrapped_seconds": times["wrapped"],
         "identical": bool(torch.equal(finals["stock"], finals["wrapped"])),
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "stale_buffer_bytes": wrapped.stale_buffer_bytes(),
     }
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result, indent=1)
     return result
 
 
 def run_parallel(spec: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """One rank of N through the job API's rank lifecycle (:func:`pcpp_runtime.ranks.run_on_ranks`):
+    build the model, connect, run the DDIM loop wrapped, gather every rank's figures on rank 0."""
     import torch
 
     from pcpp_runtime import ParallelConfig, parallelize
-    from pcpp_runtime.connect import TransportSettings, open_transport
-    from pcpp_runtime.generate import gather_stats
-    from pcpp_runtime.launch import discover
+    from pcpp_runtime.connect import TransportSettings
+    from pcpp_runtime.ranks import Launched, run_on_ranks
 
     from .model import build_unet, denoise, make_inputs, make_scheduler
 
-    info = discover()
     config = ParallelConfig(
         policy=spec["policy"], portion=spec["portion"], warmup_steps=spec["warmup"], timeout_s=spec.get("timeout", 300.0)
     )
-    build_start = time.perf_counter()
-    unet = build_unet(spec["model"])
-    inputs = make_inputs(spec["model"], spec["latent"], spec["seed"])
-    scheduler = make_scheduler(spec["steps"])
-    build_seconds = time.perf_counter() - build_start
-    settings = TransportSettings(
-        bind_addr=os.environ.get("PCPP_BENCH_BIND_ADDR") or None,
-        advertise_addr=os.environ.get("PCPP_BENCH_ADVERTISE_ADDR") or None,
-    )
-    if spec["transport"] == "torch":
-        settings = TransportSettings(bind_addr=settings.bind_addr)
-    elif spec["transport"] == "mpi":
-        settings = TransportSettings()
-    transport = open_transport(spec["transport"], info, config.timeout_s, config.fingerprint(), settings)
-    try:
+    settings = TransportSettings()
+    if spec["transport"] != "mpi":  # network-namespace runs bind the veth address
+        settings = TransportSettings(bind_addr=os.environ.get("PCPP_BENCH_BIND_ADDR") or None)
+    if spec["transport"] == "zmq":
+        settings = dataclasses.replace(settings, advertise_addr=os.environ.get("PCPP_BENCH_ADVERTISE_ADDR") or None)
+
+    def prepare(place):
+        start = time.perf_counter()
+        model = (build_unet(spec["model"]), make_inputs(spec["model"], spec["latent"], spec["seed"]), make_scheduler(spec["steps"]))
+        return model, time.perf_counter() - start
+
+    def work(prepared, transport):
+        (unet, inputs, scheduler), build_seconds = prepared
         wrapped = parallelize(unet, transport, config, num_steps=spec["steps"])
         steps: list[float] = []
 
@@ -209,19 +199,19 @@ def run_parallel(spec: dict[str, Any], out: Path) -> dict[str, Any] | None:
             "transport_bytes_sent": after["payload_sent"] - before["payload_sent"] - barrier_bytes,
             "transport_messages_received": after["messages_received"] - before["messages_received"],
             "stale_buffer_bytes": wrapped.stale_buffer_bytes(),
-            "peak_rss_bytes": _peak_rss(),
+            "peak_rss_bytes": peak_rss_bytes(),
             "torch_threads": torch.get_num_threads(),
             "pid": os.getpid(),
         }
-        everyone = gather_stats(transport, stats)
-        if transport.rank == 0:
-            torch.save(latents, out / "latent.pt")
-            result = {"role": "parallel", "world_size": transport.world_size, "ranks": everyone}
-            _write_json(out / "result.json", result)
-            return result
+        return latents, stats
+
+    gathered = run_on_ranks(Launched(spec["transport"], settings), config, prepare, work, device="cpu")
+    if gathered is None:
         return None
-    finally:
-        transport.close()
+    torch.save(gathered.value, out / "latent.pt")
+    result = {"role": "parallel", "world_size": len(gathered.stats), "ranks": gathered.stats}
+    write_json(out / "result.json", result, indent=1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
