@@ -33,7 +33,7 @@ demo: $(STAMP)
 		--output $(OUT)/demo-grid.png --report $(OUT)/demo-grid.json
 
 # Train the built-in `demo` model from scratch into models/demo: the recipe of the committed
-# weights (docs/MODELS.md, session 10), four runs, about 2 hours on 2 cores (24 + 34 + 34 + 30
+# weights (docs/MODELS.md), four runs, about 2 hours on 2 cores (24 + 34 + 34 + 30
 # min as measured; run 3 now loads the pool of encoded scenes run 2 saves, about 5 min less).
 # 1: the VAE, 2000 steps under bfloat16 autocast. 2: the UNet and text encoder on that VAE for
 # 3000 steps. 3: that UNet continued for the first 3000 steps of a 4000-step schedule. 4: that

@@ -121,7 +121,7 @@ def demo_components(tokenizer, seed: int = 0, position_embedding: bool = True) -
         out_channels=4,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
         up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
-        # 64 channels at 8 x 8 keep the weights under the 25 MB (4.8 M parameters)
+        # 64 channels at 8 x 8 keep the weights under 25 MB (4.8 M parameters)
         block_out_channels=(32, 64, 64, 128),
         layers_per_block=1,
         cross_attention_dim=64,

@@ -1,4 +1,4 @@
-"""The benchmark model, its sampler and its inputs (issue 6: "Benchmarks and performance targets").
+"""The benchmark model, its sampler and its inputs.
 
 ``bench`` is an SDXL-architecture ``UNet2DConditionModel`` with random weights from
 ``torch.manual_seed(0)``: the same three-level layout as SDXL's UNet (a plain down block, two

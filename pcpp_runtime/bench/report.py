@@ -171,6 +171,19 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None) -> str:
 
 
 # ---------------------------------------------------------------------- plots
+def _decorate(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save_figure(plt, fig, out: Path, name: str) -> str:
+    """Lay out, save as ``out/name`` and close ``fig``; returns ``name``."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plots(results: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -197,12 +210,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.set_xlabel("workers")
             ax.set_ylabel("speed-up over one worker")
             ax.set_xticks(worlds_all)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "speedup_vs_world.png", dpi=110)
-        plt.close(fig)
-        written.append("speedup_vs_world.png")
+            _decorate(ax)
+        written.append(_save_figure(plt, fig, out, "speedup_vs_world.png"))
 
         groups = sorted({(r["latent"], r["world_size"], r["label"]) for r in parallel}, key=lambda g: (g[0], g[1], g[2]))
         fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(groups)), 4.2))
@@ -219,10 +228,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("MB received per rank per step (mean)")
         ax.set_title("bytes per step after warm-up, by layer kind")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "bytes_by_kind.png", dpi=110)
-        plt.close(fig)
-        written.append("bytes_by_kind.png")
+        written.append(_save_figure(plt, fig, out, "bytes_by_kind.png"))
 
         fig, ax = plt.subplots(figsize=(6, 4.2))
         cap = max([r["psnr_db"] for r in parallel if r["psnr_db"] is not None] + [60.0]) + 10
@@ -237,12 +243,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("MB received per rank per step (mean)")
         ax.set_ylabel(f"PSNR vs one worker (dB; {cap:.0f} = identical)")
         ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "psnr_vs_bytes.png", dpi=110)
-        plt.close(fig)
-        written.append("psnr_vs_bytes.png")
+        _decorate(ax)
+        written.append(_save_figure(plt, fig, out, "psnr_vs_bytes.png"))
 
     throttled = [r for r in results.get("throttled", []) if r.get("kind") == "parallel"]
     if throttled:
@@ -266,12 +268,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.set_xticklabels(links)
             ax.set_title(f"2 workers, one per namespace, {latent}x{latent}")
             ax.set_ylabel("speed-up over one worker")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "throttled.png", dpi=110)
-        plt.close(fig)
-        written.append("throttled.png")
+            _decorate(ax)
+        written.append(_save_figure(plt, fig, out, "throttled.png"))
     return written
 
 
