@@ -110,6 +110,8 @@ OVERRIDE_FIELDS = (
 
 _LOOPBACK = "127.0.0.1"
 
+_RANK_FIELDS = ("rank", "world_size", "local_rank", "local_world_size")
+
 
 class LaunchEnvironmentError(ValueError):
     """The launcher's environment (or the explicit flags) do not describe a valid rank."""
@@ -183,7 +185,7 @@ def _check(values: Mapping[str, Any], origin: Mapping[str, str]) -> None:
     def said(field: str) -> str:
         return f"{values[field]} ({origin[field]})" if field in origin else str(values[field])
 
-    for field in ("rank", "world_size", "local_rank", "local_world_size"):
+    for field in _RANK_FIELDS:
         value = values[field]
         if not isinstance(value, int) or isinstance(value, bool):
             raise LaunchEnvironmentError(f"{field} must be an integer, got {value!r}")
@@ -353,26 +355,44 @@ class TorchrunAdapter(LauncherAdapter):
         return values
 
 
-class OpenMPIAdapter(LauncherAdapter):
+class _MPIAdapter(LauncherAdapter):
+    """An MPI launcher: four variables give the ranks, ``hostname_var`` (or SLURM's node name
+    under ``srun``) the node, and the rendezvous is derived (:func:`_rendezvous`), as MPI
+    launchers give none.
+
+    Subclasses set ``rank_vars``: the variables of ``rank``, ``world_size``, ``local_rank`` and
+    ``local_world_size``, in this order (also what the error messages say the launcher sets).
+    """
+
+    rank_vars: tuple[str, str, str, str] = ("", "", "", "")
+    hostname_var: str = ""
+
+    @property
+    def sets(self) -> str:
+        """The rank variables, named in error messages."""
+        return ", ".join(self.rank_vars)
+
+    def _read(self, r: _Reader) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            field: r.int(var, field) for field, var in zip(_RANK_FIELDS, self.rank_vars)
+        }
+        values["node"] = _slurm_node(r) or r.text(self.hostname_var, required=False)
+        return values | _rendezvous(r, values)
+
+
+class OpenMPIAdapter(_MPIAdapter):
     """OpenMPI's ``mpirun``/``mpiexec`` (also what ``srun --mpi=pmix`` gives OpenMPI programs)."""
 
     name = "openmpi"
     who = "OpenMPI's mpirun"
     markers = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
-    sets = (
-        "OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK, "
-        "OMPI_COMM_WORLD_LOCAL_SIZE"
+    rank_vars = (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
     )
-
-    def _read(self, r: _Reader) -> dict[str, Any]:
-        values = dict(
-            rank=r.int("OMPI_COMM_WORLD_RANK", "rank"),
-            world_size=r.int("OMPI_COMM_WORLD_SIZE", "world_size"),
-            local_rank=r.int("OMPI_COMM_WORLD_LOCAL_RANK", "local_rank"),
-            local_world_size=r.int("OMPI_COMM_WORLD_LOCAL_SIZE", "local_world_size"),
-            node=_slurm_node(r) or r.text("PMIX_HOSTNAME", required=False),
-        )
-        return values | _rendezvous(r, values)
+    hostname_var = "PMIX_HOSTNAME"
 
 
 class SlurmAdapter(LauncherAdapter):
@@ -468,7 +488,7 @@ class SlurmAdapter(LauncherAdapter):
         return counts[node_id]
 
 
-class PMIAdapter(LauncherAdapter):
+class PMIAdapter(_MPIAdapter):
     """MPICH's Hydra ``mpiexec`` and Intel MPI (PMI-1/PMI-2 process managers).
 
     ``MPI_LOCALRANKID``/``MPI_LOCALNRANKS`` are Hydra's; a bare PMI process manager without them
@@ -479,17 +499,8 @@ class PMIAdapter(LauncherAdapter):
     name = "pmi"
     who = "Hydra's mpiexec"
     markers = ("PMI_RANK",)
-    sets = "PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS"
-
-    def _read(self, r: _Reader) -> dict[str, Any]:
-        values = dict(
-            rank=r.int("PMI_RANK", "rank"),
-            world_size=r.int("PMI_SIZE", "world_size"),
-            local_rank=r.int("MPI_LOCALRANKID", "local_rank"),
-            local_world_size=r.int("MPI_LOCALNRANKS", "local_world_size"),
-            node=_slurm_node(r) or r.text("PMI_HOSTNAME", required=False),
-        )
-        return values | _rendezvous(r, values)
+    rank_vars = ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+    hostname_var = "PMI_HOSTNAME"
 
 
 TORCHRUN = TorchrunAdapter()

@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from .config import ConfigError
 from .registry import partitioners
 
-__all__ = ["PatchPlan", "Partitioner", "RowPartitioner", "WeightedRowPartitioner", "ShapeError", "check_splittable"]
+__all__ = [
+    "PatchPlan",
+    "Partitioner",
+    "RowPartitioner",
+    "ShapeError",
+    "Strips",
+    "WeightedRowPartitioner",
+    "check_splittable",
+]
 
 
 class ShapeError(ConfigError):
@@ -43,8 +51,24 @@ def check_splittable(
         )
 
 
+class Strips:
+    """What every holder of ``bounds`` -- ``bounds[r] = (start, end)``, rank r's rows -- can say."""
+
+    bounds: tuple[tuple[int, int], ...]
+
+    @property
+    def world_size(self) -> int:
+        """The number of strips, one per rank."""
+        return len(self.bounds)
+
+    def rows(self, rank: int) -> int:
+        """The height of rank ``rank``'s strip."""
+        start, end = self.bounds[rank]
+        return end - start
+
+
 @dataclasses.dataclass(frozen=True)
-class PatchPlan:
+class PatchPlan(Strips):
     """Strips of latent rows, one per rank.
 
     Attributes:
@@ -57,14 +81,6 @@ class PatchPlan:
     width: int
     alignment: int
     bounds: tuple[tuple[int, int], ...]
-
-    @property
-    def world_size(self) -> int:
-        return len(self.bounds)
-
-    def rows(self, rank: int) -> int:
-        start, end = self.bounds[rank]
-        return end - start
 
     def level_bounds(self, factor: int) -> tuple[tuple[int, int], ...]:
         """Bounds at a resolution ``factor`` times coarser than the latent (factor divides alignment)."""

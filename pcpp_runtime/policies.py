@@ -29,6 +29,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
+from .partition import Strips
 from .registry import policies
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def portion_rows(portion: float, rows: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionLayerView:
+class AttentionLayerView(Strips):
     """What a policy may know about one self-attention layer on one rank.
 
     Attributes:
@@ -79,13 +80,9 @@ class AttentionLayerView:
     width: int
     num_steps: int
 
-    @property
-    def world_size(self) -> int:
-        return len(self.bounds)
-
     def strip_rows(self, rank: int) -> int:
-        start, end = self.bounds[rank]
-        return end - start
+        """Rows of rank ``rank``'s strip at this layer's resolution (:meth:`~.Strips.rows`)."""
+        return self.rows(rank)
 
 
 class ConditioningPolicy:

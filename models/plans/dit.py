@@ -23,6 +23,7 @@ does). PixArt needs no replacement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,25 +58,28 @@ def _transformer_rules(model: nn.Module) -> list[LayerRule]:
     return rules
 
 
-def dit_plan(model: nn.Module) -> ModelPlan:
-    """The plan for a ``DiTTransformer2DModel`` (class-conditional DiT)."""
+def _transformer_plan(
+    model: nn.Module, family: str, strip_forward: Callable[..., Any] | None = None
+) -> ModelPlan:
+    """The plan of a patched transformer: strips align to its patch size; ``strip_forward``
+    replaces a ``forward`` that cannot run on a strip."""
     return ModelPlan(
-        family="dit",
+        family=family,
         alignment=int(model.config.patch_size),
         layers=tuple(_transformer_rules(model)),
         output_channels=int(model.out_channels),
-        strip_forward=dit_strip_forward,
+        strip_forward=strip_forward,
     )
+
+
+def dit_plan(model: nn.Module) -> ModelPlan:
+    """The plan for a ``DiTTransformer2DModel`` (class-conditional DiT)."""
+    return _transformer_plan(model, "dit", strip_forward=dit_strip_forward)
 
 
 def pixart_plan(model: nn.Module) -> ModelPlan:
     """The plan for a ``PixArtTransformer2DModel`` (PixArt-alpha, PixArt-sigma)."""
-    return ModelPlan(
-        family="pixart",
-        alignment=int(model.config.patch_size),
-        layers=tuple(_transformer_rules(model)),
-        output_channels=int(model.out_channels),
-    )
+    return _transformer_plan(model, "pixart")
 
 
 def dit_strip_forward(

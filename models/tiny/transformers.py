@@ -36,67 +36,63 @@ def write_char_t5_tokenizer(folder: Path, max_length: int = 120) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def _transformer_common() -> dict:
-    return dict(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-    )
+#: what both tiny transformers share: a ``(B, 4, 16, 16)`` latent in 2 x 2 patches, two blocks of
+#: two 16-dimensional heads (width 32), noise and variance out (8 channels)
+_TRANSFORMER_LAYOUT = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    sample_size=16,
+    patch_size=2,
+)
 
 
 def build_tiny_dit(folder: Path) -> None:
     """Write the ``tiny-dit`` pipeline into ``folder``."""
-    import torch
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from .unets import tiny_vae
+    from .unets import SD_BETAS, save_pipeline, seeded, tiny_vae
 
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(**_transformer_common(), num_embeds_ada_norm=1000)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
-    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    transformer = seeded(0, DiTTransformer2DModel, **_TRANSFORMER_LAYOUT, num_embeds_ada_norm=1000)
+    scheduler = DDIMScheduler(**SD_BETAS, clip_sample=False)
+    save_pipeline(DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler), folder)
 
 
 def build_tiny_pixart(folder: Path) -> None:
     """Write the ``tiny-pixart`` pipeline into ``folder``."""
-    import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    from .unets import tiny_vae
+    from .unets import SD_BETAS, save_pipeline, seeded, tiny_vae
 
     write_char_t5_tokenizer(folder / "tokenizer")
     tokenizer = T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        **_transformer_common(),
+    transformer = seeded(
+        0,
+        PixArtTransformer2DModel,
+        **_TRANSFORMER_LAYOUT,
         cross_attention_dim=32,  # = the transformer's width, as in the released models
         caption_channels=32,  # = the T5 encoder's d_model
         use_additional_conditions=False,
     )
-    torch.manual_seed(1)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
+    text_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    text_encoder = seeded(1, T5EncoderModel, text_config)
+    scheduler = DPMSolverMultistepScheduler(**SD_BETAS)
     pipe = PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(), transformer=transformer, scheduler=scheduler
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    save_pipeline(pipe, folder)

@@ -18,25 +18,66 @@ align to 4 latent rows).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
+    "SD_BETAS",
     "build_tiny_sd",
     "build_tiny_sd2",
     "build_tiny_sdxl",
     "clip_text_config",
+    "save_pipeline",
     "save_sd_pipeline",
     "sd_ddim_scheduler",
+    "seeded",
+    "tiny_unet",
     "tiny_vae",
 ]
+
+T = TypeVar("T")
+
+#: Stable Diffusion's noise schedule (scaled-linear betas from 0.00085 to 0.012), which every
+#: tiny model's scheduler uses
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+#: what every tiny UNet shares: a 32 x 32 latent of 4 channels, three levels of 32/64/64 channels
+#: (two down-samplings), one resnet per level, 8 groups in every group norm
+_UNET_LAYOUT = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+
+#: SD 1.x/2.x's blocks: cross-attention at the two finer levels, none at the deepest
+_SD_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+def seeded(seed: int, build: Callable[..., T], *args, **kwargs) -> T:
+    """``build(*args, **kwargs)`` right after ``torch.manual_seed(seed)``: each component's random
+    weights depend on its own seed only, not on what was built before it."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build(*args, **kwargs)
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """Save the diffusers pipeline ``pipe`` to ``folder``, weights as safetensors."""
+    pipe.save_pretrained(str(folder), safe_serialization=True)
 
 
 def tiny_vae(seed: int = 2, **overrides):
     """A factor-2 ``AutoencoderKL`` (two blocks, 16/32 channels, 4 latent channels)."""
-    import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
     config = dict(
         in_channels=3,
         out_channels=3,
@@ -48,8 +89,15 @@ def tiny_vae(seed: int = 2, **overrides):
         norm_num_groups=8,
         sample_size=64,
     )
-    config.update(overrides)
-    return AutoencoderKL(**config)
+    return seeded(seed, AutoencoderKL, **(config | overrides))
+
+
+def tiny_unet(unet_class=None, **config):
+    """A UNet (``unet_class``, default ``UNet2DConditionModel``) of the tiny layout -- latent
+    ``(B, 4, 32, 32)``, 32/64/64 channels -- with ``config`` on top, weights from seed 0."""
+    from diffusers import UNet2DConditionModel
+
+    return seeded(0, unet_class or UNet2DConditionModel, **(_UNET_LAYOUT | config))
 
 
 def clip_text_config(tokenizer, hidden: int, heads: int = 2, **extra):
@@ -71,19 +119,11 @@ def clip_text_config(tokenizer, hidden: int, heads: int = 2, **extra):
 
 
 def sd_ddim_scheduler(**overrides):
-    """DDIM with Stable Diffusion's settings (scaled-linear betas 0.00085-0.012, offset 1)."""
+    """DDIM with Stable Diffusion's settings (:data:`SD_BETAS`, offset 1)."""
     from diffusers import DDIMScheduler
 
-    config = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    config.update(overrides)
-    return DDIMScheduler(**config)
+    config = dict(SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**(config | overrides))
 
 
 def save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, vae=None) -> None:
@@ -101,7 +141,29 @@ def save_sd_pipeline(folder: Path, unet, text_encoder, tokenizer, scheduler, vae
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    save_pipeline(pipe, folder)
+
+
+def _char_tokenizer(folder: Path, name: str = "tokenizer"):
+    """A character-level ``CLIPTokenizer`` written to ``folder / name`` and loaded back."""
+    from transformers import CLIPTokenizer
+
+    from .tokenizers import write_char_tokenizer
+
+    write_char_tokenizer(folder / name)
+    return CLIPTokenizer.from_pretrained(str(folder / name))
+
+
+def _build_sd(folder: Path, text_width: int, scheduler, unet_class=None, **unet_config) -> None:
+    """A ``StableDiffusionPipeline`` into ``folder``: a character-level tokenizer, a tiny UNet with
+    SD's blocks and ``unet_config`` whose cross-attention takes the ``text_width``-wide context of
+    a 2-layer CLIP text encoder (seed 1), the tiny VAE and ``scheduler``."""
+    from transformers import CLIPTextModel
+
+    tokenizer = _char_tokenizer(folder)
+    unet = tiny_unet(unet_class, **_SD_BLOCKS, cross_attention_dim=text_width, **unet_config)
+    text_encoder = seeded(1, CLIPTextModel, clip_text_config(tokenizer, text_width))
+    save_sd_pipeline(folder, unet, text_encoder, tokenizer, scheduler)
 
 
 def build_tiny_sd(folder: Path, position_embedding: bool = False) -> None:
@@ -109,31 +171,10 @@ def build_tiny_sd(folder: Path, position_embedding: bool = False) -> None:
     4 and 8 channels), a 32-wide CLIP text encoder, DDIM. With ``position_embedding`` the UNet
     is a :class:`~.positional_unet.PositionalUNet2DConditionModel` (``tiny-sd-pos``, the demo
     model's architecture in small)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from ..positional_unet import PositionalUNet2DConditionModel
-    from .tokenizers import write_char_tokenizer
 
-    write_char_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    torch.manual_seed(0)
-    unet = (PositionalUNet2DConditionModel if position_embedding else UNet2DConditionModel)(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
-    save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler())
+    unet_class = PositionalUNet2DConditionModel if position_embedding else None
+    _build_sd(folder, text_width=32, scheduler=sd_ddim_scheduler(), unet_class=unet_class, attention_head_dim=8)
 
 
 def build_tiny_sd_pos(folder: Path) -> None:
@@ -143,57 +184,28 @@ def build_tiny_sd_pos(folder: Path) -> None:
 
 def build_tiny_sd2(folder: Path) -> None:
     """Write the ``tiny-sd2`` pipeline into ``folder``."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .tokenizers import write_char_tokenizer
-
-    write_char_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=64,
+    _build_sd(
+        folder,
+        text_width=64,
+        scheduler=sd_ddim_scheduler(prediction_type="v_prediction"),
         attention_head_dim=(2, 4, 4),  # diffusers reads this as heads: 16-dim heads everywhere
         use_linear_projection=True,
         upcast_attention=True,
-        norm_num_groups=8,
     )
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 64))
-    save_sd_pipeline(folder, unet, text_encoder, tokenizer, sd_ddim_scheduler(prediction_type="v_prediction"))
 
 
 def build_tiny_sdxl(folder: Path) -> None:
     """Write the ``tiny-sdxl`` pipeline into ``folder``."""
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .tokenizers import write_char_tokenizer
-
-    write_char_tokenizer(folder / "tokenizer")
-    write_char_tokenizer(folder / "tokenizer_2")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    tokenizer = _char_tokenizer(folder, "tokenizer")
+    tokenizer_2 = _char_tokenizer(folder, "tokenizer_2")
     projection_dim = 32
     time_embed_dim = 8
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+    unet = tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
         transformer_layers_per_block=(1, 1, 2),
         cross_attention_dim=64,  # 32 (text_encoder) + 32 (text_encoder_2), concatenated
         attention_head_dim=(2, 4, 4),
@@ -202,18 +214,10 @@ def build_tiny_sdxl(folder: Path) -> None:
         addition_time_embed_dim=time_embed_dim,
         # 6 size/crop ids of time_embed_dim each + the pooled projection of text_encoder_2
         projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
-        norm_num_groups=8,
     )
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(clip_text_config(tokenizer, 32))
-    torch.manual_seed(3)
-    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, 32, projection_dim=projection_dim))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
+    text_encoder = seeded(1, CLIPTextModel, clip_text_config(tokenizer, 32))
+    text_encoder_2 = seeded(
+        3, CLIPTextModelWithProjection, clip_text_config(tokenizer_2, 32, projection_dim=projection_dim)
     )
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(),
@@ -222,7 +226,7 @@ def build_tiny_sdxl(folder: Path) -> None:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="leading"),
         add_watermarker=False,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    save_pipeline(pipe, folder)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..runtime import RankRuntime, make_tag
 from ..transports.base import Work
 
-__all__ = ["DisplacedLayer", "FlatBuffer"]
+__all__ = ["DisplacedLayer", "DisplacedModule", "FlatBuffer"]
 
 
 class FlatBuffer:
@@ -89,3 +90,13 @@ class DisplacedLayer:
         self._pending_send.clear()
         self._pending_recv.clear()
         self._generation = -1
+
+
+class DisplacedModule(nn.Module, DisplacedLayer):
+    """A displaced layer that replaces a module of the model (every kind but self-attention,
+    which is an attention processor): an ``nn.Module`` with :class:`DisplacedLayer`'s state.
+    Subclasses keep the module they replace as an attribute and implement ``forward``."""
+
+    def __init__(self, layer_id: int, path: str, runtime: RankRuntime) -> None:
+        nn.Module.__init__(self)  # first: nn.Module refuses attributes before its own __init__
+        DisplacedLayer.__init__(self, layer_id, path, runtime)

@@ -31,17 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import Channel, RankRuntime
-from .base import DisplacedLayer, FlatBuffer
+from .base import DisplacedModule, FlatBuffer
 
 __all__ = ["StripGroupNorm"]
 
 
-class StripGroupNorm(nn.Module, DisplacedLayer):
+class StripGroupNorm(DisplacedModule):
     kind = "group_norm"
 
     def __init__(self, norm: nn.GroupNorm, layer_id: int, path: str, runtime: RankRuntime) -> None:
-        nn.Module.__init__(self)
-        DisplacedLayer.__init__(self, layer_id, path, runtime)
+        super().__init__(layer_id, path, runtime)
         self.norm = norm
 
     def _register(self, batch: int, device: torch.device) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import Channel, RankRuntime
-from .base import DisplacedLayer, FlatBuffer
+from .base import DisplacedModule, FlatBuffer
 
 __all__ = ["FirstConv2d", "HaloConv2d", "halo_rows"]
 
@@ -39,12 +39,11 @@ def halo_rows(conv: nn.Conv2d) -> tuple[int, int]:
     return pad, max(0, effective - pad - stride)
 
 
-class _StripConv(nn.Module, DisplacedLayer):
+class _StripConv(DisplacedModule):
     kind = "conv"
 
     def __init__(self, conv: nn.Conv2d, layer_id: int, path: str, runtime: RankRuntime) -> None:
-        nn.Module.__init__(self)
-        DisplacedLayer.__init__(self, layer_id, path, runtime)
+        super().__init__(layer_id, path, runtime)
         self.conv = conv
         self.above, self.below = halo_rows(conv)
 

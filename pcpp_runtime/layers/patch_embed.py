@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..runtime import RankRuntime
-from .base import DisplacedLayer
+from .base import DisplacedModule
 
 __all__ = ["StripPatchEmbed", "full_pos_embed"]
 
@@ -48,14 +48,13 @@ def full_pos_embed(embed: nn.Module, height: int, width: int, device: torch.devi
     return table.float().unsqueeze(0)
 
 
-class StripPatchEmbed(nn.Module, DisplacedLayer):
+class StripPatchEmbed(DisplacedModule):
     """A ``PatchEmbed`` applied to this rank's strip, with the full image's positions."""
 
     kind = "patch_embed"
 
     def __init__(self, embed: nn.Module, layer_id: int, path: str, runtime: RankRuntime) -> None:
-        nn.Module.__init__(self)
-        DisplacedLayer.__init__(self, layer_id, path, runtime)
+        super().__init__(layer_id, path, runtime)
         proj = getattr(embed, "proj", None)
         patch = getattr(embed, "patch_size", None)
         if not isinstance(proj, nn.Conv2d) or patch is None:

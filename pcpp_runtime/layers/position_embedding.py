@@ -17,19 +17,18 @@ import torch
 from torch import nn
 
 from ..runtime import RankRuntime
-from .base import DisplacedLayer
+from .base import DisplacedModule
 
 __all__ = ["StripPositionEmbedding"]
 
 
-class StripPositionEmbedding(nn.Module, DisplacedLayer):
+class StripPositionEmbedding(DisplacedModule):
     """A ``LearntPositionEmbedding`` applied to this rank's strip, with the full image's positions."""
 
     kind = "position_embedding"
 
     def __init__(self, embed: nn.Module, layer_id: int, path: str, runtime: RankRuntime) -> None:
-        nn.Module.__init__(self)
-        DisplacedLayer.__init__(self, layer_id, path, runtime)
+        super().__init__(layer_id, path, runtime)
         if not callable(getattr(embed, "table_for", None)):
             raise ValueError(f"{path} is not a LearntPositionEmbedding (it has no table_for(height, width))")
         self.embed = embed
