@@ -68,14 +68,14 @@ def mode_transport(t: Transport, args: argparse.Namespace) -> Any:
 
 def mode_engine(t: Transport, args: argparse.Namespace) -> Any:
     from e2e_worker import SIZE, SPEC, config_for
+    from engine_helpers import quiet_pipeline
 
     from pcpp_runtime import parallelize
-    from pcpp_runtime.pipelines import call_pipeline, load_pipeline, resolve_model
+    from pcpp_runtime.pipelines import call_pipeline, resolve_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    pipe = load_pipeline(resolve_model("tiny-sd"), device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet_pipeline(resolve_model("tiny-sd"), device=args.device)
     seconds = {}
     for policy in args.policies.split(","):
         wrapped = parallelize(pipe, t, config_for(policy))

@@ -4,6 +4,7 @@ cost model, the targets and the report behave. No timings are checked (benchmark
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,7 +55,8 @@ def test_bench_tiny_case_writes_its_files(tmp_path):
     point = data["points"][0]
     assert point["world_size"] == 2 and point["transport"] == "zmq" and point["label"] == "partial(0.3)"
     assert point["seconds"] > 0 and point["baseline_seconds"] > 0 and point["speedup"] > 0
-    assert point["psnr_db"] is not None and point["psnr_db"] > 20
+    # partial(0.3) on 2 workers against one: 58.3 dB measured (torch 2.13 CPU)
+    assert point["psnr_db"] is not None and point["psnr_db"] > 53, point["psnr_db"]
     # engine ledger = transport counter = formulas
     assert point["bytes_agree"] and point["formula_agrees"]
     assert point["engine_bytes_received"] == point["transport_bytes_received"]
@@ -69,7 +71,9 @@ def test_bench_tiny_case_writes_its_files(tmp_path):
     assert "each bound to its share of the CPUs" in text
     logs = "".join(log.read_text() for log in (out / "runs").glob("*/log.txt"))
     assert "[launcher] binding workers to CPUs: rank 0: CPU" in logs
-    pytest.importorskip("matplotlib")
+    # the plots need matplotlib, which the test extras install (without it the report skips them:
+    # test_targets_report_measured_figures_and_misses)
+    assert importlib.util.find_spec("matplotlib"), "matplotlib is missing: pip install -e '.[test]'"
     for name in ("speedup_vs_world.png", "bytes_by_kind.png", "psnr_vs_bytes.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
 

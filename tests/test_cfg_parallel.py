@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import on_ranks, one_worker
 from pcpp_runtime import ConfigError, ParallelConfig
 from pcpp_runtime.jobs import JobSpec
 from pcpp_runtime.metrics import psnr
@@ -15,22 +14,22 @@ SHAPE = (64, 48)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_sd_path):
-    return one_worker(tiny_sd_path, SPEC, *SHAPE)
+def reference(tiny_sd):
+    return tiny_sd.one_worker(SPEC, *SHAPE)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_cfg_parallel_sync_equals_one_worker(tiny_sd_path, reference, world):
-    latents, _ = on_ranks(tiny_sd_path, world, ParallelConfig(policy="sync", cfg_split=True), SPEC, *SHAPE)
+def test_cfg_parallel_sync_equals_one_worker(tiny_sd, reference, world):
+    latents, _ = tiny_sd.on_ranks(world, ParallelConfig(policy="sync", cfg_split=True), SPEC, *SHAPE)
     for latent in latents:
         torch.testing.assert_close(latent, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_cfg_parallel_with_partial_saves_bytes_against_patch_only(tiny_sd_path, reference):
+def test_cfg_parallel_with_partial_saves_bytes_against_patch_only(tiny_sd, reference):
     config = dict(policy="partial", portion=0.3, warmup_steps=2)
     after = range(2, SPEC.steps)
-    cfg_latents, cfg = on_ranks(tiny_sd_path, 4, ParallelConfig(cfg_split=True, **config), SPEC, *SHAPE)
-    _, patch = on_ranks(tiny_sd_path, 4, ParallelConfig(**config), SPEC, *SHAPE)
+    cfg_latents, cfg = tiny_sd.on_ranks(4, ParallelConfig(cfg_split=True, **config), SPEC, *SHAPE)
+    _, patch = tiny_sd.on_ranks(4, ParallelConfig(**config), SPEC, *SHAPE)
     cfg_bytes = sum(w.runtime.ledger.per_step_mean(after)["total"] for w in cfg) / 4
     patch_bytes = sum(w.runtime.ledger.per_step_mean(after)["total"] for w in patch) / 4
     print(f"partial(0.3), 4 ranks: {cfg_bytes / 1e6:.3f} MB/step/rank with CFG parallel (2 groups x 2 strips), "
@@ -47,7 +46,7 @@ def test_cfg_parallel_on_an_odd_world_is_refused():
         ParallelConfig(cfg_split=True).check_world_size(3)
 
 
-def test_cfg_parallel_without_guidance_is_refused(tiny_sd_path):
+def test_cfg_parallel_without_guidance_is_refused(tiny_sd):
     spec = JobSpec(steps=2, guidance_scale=1.0)
     with pytest.raises(Exception, match="CFG parallel needs classifier-free guidance"):
-        on_ranks(tiny_sd_path, 2, ParallelConfig(policy="sync", cfg_split=True), spec, *SHAPE)
+        tiny_sd.on_ranks(2, ParallelConfig(policy="sync", cfg_split=True), spec, *SHAPE)

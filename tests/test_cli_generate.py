@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,18 +43,17 @@ def test_generate_writes_image_and_report(tmp_path, tiny_sd_path):
                 "denoise_seconds", "bytes_sent_per_step", "bytes_received_per_step", "psnr_db", "max_abs_diff"):
         assert key in data, key
     assert data["world_size"] == 2 and data["transport"] == "local" and len(data["bytes_received_per_step"]) == 2
-    assert data["psnr_db"] > 10 and data["max_abs_diff"] > 0
+    # partial(0.3) after 2 warm-up steps of 6 on 2 ranks: 53.7 dB measured (torch 2.13 CPU)
+    assert data["psnr_db"] > 48 and data["max_abs_diff"] > 0, data["psnr_db"]
     assert data["engine_bytes_received"] == data["transport_bytes_received"]
     assert "vs one worker" in result.stdout
 
 
-def test_a_folder_with_the_positional_unet_loads_in_a_fresh_process(tmp_path):
+def test_a_folder_with_the_positional_unet_loads_in_a_fresh_process(tmp_path, builtin_model):
     """``pcpp generate --model FOLDER`` on a pipeline whose model_index.json names
     PositionalUNet2DConditionModel (the demo model's UNet): the process has not imported that
     class's module before loading, which diffusers needs (a ValueError naming the module if not)."""
-    from pcpp_runtime.models.builtin import builtin_model_path
-
-    folder = builtin_model_path("tiny-sd-pos")  # built here, loaded by its path there
+    folder = Path(builtin_model("tiny-sd-pos").path)  # built here, loaded by its path there
     assert "positional_unet" in (folder / "model_index.json").read_text()
     result = run(["generate", "--model", str(folder), "--steps", "2", "--output", str(tmp_path / "pos.png")])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -65,7 +65,10 @@ def test_policies_separate_on_the_trained_model():
         runs[label] = run_policy(pipes, spec, 4, config, label, reference)
     psnr = {label: run.psnr_db for label, run in runs.items()}
     assert all(value is not None for value in psnr.values()), psnr
-    assert psnr["none"] + 3.0 <= psnr["full"], psnr  # "clearly": at least 3 dB
+    # measured (torch 2.13 CPU): full 20.5 dB, partial(0.1) 16.13, partial(0.5) 16.16, none 13.7;
+    # SSIM full 0.888, none 0.702
+    assert psnr["none"] + 3.0 <= psnr["full"], psnr  # "clearly": at least 3 dB (6.8 measured)
+    # the portion's effect on PSNR is small here (0.02 dB measured; SSIM 0.793 -> 0.806)
     assert psnr["partial(0.1)"] < psnr["partial(0.5)"], psnr
-    assert runs["none"].ssim < runs["full"].ssim
+    assert runs["none"].ssim + 0.1 < runs["full"].ssim, (runs["none"].ssim, runs["full"].ssim)
     assert torch.isfinite(runs["none"].pixels).all()

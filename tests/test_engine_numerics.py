@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import on_ranks, one_worker, quiet_pipeline
 from pcpp_runtime import ParallelConfig, parallelize
 from pcpp_runtime.jobs import JobSpec
 from pcpp_runtime.metrics import psnr
@@ -21,42 +20,41 @@ UNEVEN = (40, 56)
 
 
 @pytest.fixture(scope="module")
-def references(tiny_sd_path):
-    return {shape: one_worker(tiny_sd_path, SPEC, *shape) for shape in (SQUARE, UNEVEN)}
+def references(tiny_sd):
+    return {shape: tiny_sd.one_worker(SPEC, *shape) for shape in (SQUARE, UNEVEN)}
 
 
-def test_world_size_one_is_bit_identical_to_diffusers(tiny_sd_path):
-    plain = quiet_pipeline(tiny_sd_path)
-    expected = call_pipeline(plain, SPEC, *SQUARE)
-    wrapped = parallelize(quiet_pipeline(tiny_sd_path), LocalFabric(1).transport(0), ParallelConfig(policy="full"))
+def test_world_size_one_is_bit_identical_to_diffusers(tiny_sd):
+    expected = tiny_sd.one_worker(SPEC, *SQUARE)
+    wrapped = parallelize(tiny_sd.pipeline(), LocalFabric(1).transport(0), ParallelConfig(policy="full"))
     assert torch.equal(call_pipeline(wrapped, SPEC, *SQUARE), expected)
     assert wrapped.runtime.ledger.total() == 0
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("shape", [SQUARE, UNEVEN], ids=["64x64", "40x56-uneven"])
-def test_sync_equals_one_worker(tiny_sd_path, references, world, shape):
-    latents, _ = on_ranks(tiny_sd_path, world, ParallelConfig(policy="sync"), SPEC, *shape)
+def test_sync_equals_one_worker(tiny_sd, references, world, shape):
+    latents, _ = tiny_sd.on_ranks(world, ParallelConfig(policy="sync"), SPEC, *shape)
     for rank_latent in latents:
         torch.testing.assert_close(rank_latent, references[shape], rtol=1e-4, atol=1e-4)
     # every rank ends with the same latent, bit for bit (same gathered outputs, same scheduler)
     assert all(torch.equal(latents[0], other) for other in latents[1:])
 
 
-def test_full_with_warmup_covering_every_step_equals_sync(tiny_sd_path):
-    sync, _ = on_ranks(tiny_sd_path, 3, ParallelConfig(policy="sync"), SPEC, *UNEVEN)
-    full, _ = on_ranks(tiny_sd_path, 3, ParallelConfig(policy="full", warmup_steps=SPEC.steps), SPEC, *UNEVEN)
+def test_full_with_warmup_covering_every_step_equals_sync(tiny_sd):
+    sync, _ = tiny_sd.on_ranks(3, ParallelConfig(policy="sync"), SPEC, *UNEVEN)
+    full, _ = tiny_sd.on_ranks(3, ParallelConfig(policy="full", warmup_steps=SPEC.steps), SPEC, *UNEVEN)
     assert torch.equal(full[0], sync[0])
 
 
-def test_partial_with_whole_strips_on_two_ranks_equals_full(tiny_sd_path):
-    full, _ = on_ranks(tiny_sd_path, 2, ParallelConfig(policy="full", warmup_steps=2), SPEC, *SQUARE)
-    partial, _ = on_ranks(tiny_sd_path, 2, ParallelConfig(policy="partial", portion=1.0, warmup_steps=2), SPEC, *SQUARE)
+def test_partial_with_whole_strips_on_two_ranks_equals_full(tiny_sd):
+    full, _ = tiny_sd.on_ranks(2, ParallelConfig(policy="full", warmup_steps=2), SPEC, *SQUARE)
+    partial, _ = tiny_sd.on_ranks(2, ParallelConfig(policy="partial", portion=1.0, warmup_steps=2), SPEC, *SQUARE)
     assert torch.equal(partial[0], full[0])
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_stale_context_is_exact_when_the_input_repeats(tiny_sd_path, world):
+def test_stale_context_is_exact_when_the_input_repeats(tiny_sd, world):
     """Called with the same input every step, stale context equals fresh context, so `full`
     must equal one device at every step: this checks that the right rows of the right peers
     arrive in the right places after warm-up."""
@@ -65,8 +63,8 @@ def test_stale_context_is_exact_when_the_input_repeats(tiny_sd_path, world):
     torch.manual_seed(0)
     sample, text, t = torch.randn(2, 4, 40, 24), torch.randn(2, 7, 32), torch.tensor(500)
     with torch.no_grad():
-        expected = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")(sample, t, text).sample
-    unets = [UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet") for _ in range(world)]
+        expected = UNet2DConditionModel.from_pretrained(tiny_sd.path, subfolder="unet")(sample, t, text).sample
+    unets = [UNet2DConditionModel.from_pretrained(tiny_sd.path, subfolder="unet") for _ in range(world)]
 
     def rank(transport):
         denoiser = parallelize(unets[transport.rank], transport, ParallelConfig(policy="full", warmup_steps=1), num_steps=4)
@@ -78,24 +76,25 @@ def test_stale_context_is_exact_when_the_input_repeats(tiny_sd_path, world):
             torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
 
 
-@pytest.mark.parametrize("policy,portion", [("none", 0.3), ("full", 0.3), ("partial", 0.3)])
-def test_approximate_policies_run_and_report_psnr(tiny_sd_path, references, policy, portion):
-    latents, _ = on_ranks(tiny_sd_path, 2, ParallelConfig(policy=policy, portion=portion, warmup_steps=2), SPEC, *SQUARE)
+# approximate, so not identical, but the same picture; the bound is 5 dB under the PSNR measured
+# (torch 2.13 CPU): 59.0 dB for none, 52.2 for full and partial(0.3) (random weights: none's
+# missing context costs less than full's stale context here)
+@pytest.mark.parametrize("policy,portion,at_least_db", [("none", 0.3, 54.0), ("full", 0.3, 47.0), ("partial", 0.3, 47.0)])
+def test_approximate_policies_run_and_report_psnr(tiny_sd, references, policy, portion, at_least_db):
+    latents, _ = tiny_sd.on_ranks(2, ParallelConfig(policy=policy, portion=portion, warmup_steps=2), SPEC, *SQUARE)
     value = psnr(latents[0], references[SQUARE])
     print(f"{policy}: PSNR {value:.2f} dB against one worker")
-    # approximate, so not identical, but the same picture: random weights amplify differences,
-    # measured 20-35 dB here; 10 dB would mean a different image altogether
-    assert 10.0 < value < float("inf")
+    assert at_least_db < value < float("inf")
 
 
-def test_a_failed_generation_stops_every_rank_and_refuses_reuse(tiny_sd_path):
+def test_a_failed_generation_stops_every_rank_and_refuses_reuse(tiny_sd):
     """One rank failing mid-generation: the others stop at once with an error naming the peer
     (not after the timeout), and the wrapped pipeline refuses to run again on stale messages."""
     import time
 
     from pcpp_runtime.threads import RankFailed
 
-    pipes = [quiet_pipeline(tiny_sd_path) for _ in range(3)]
+    pipes = [tiny_sd.pipeline() for _ in range(3)]
     wrapped = {}
 
     def rank(transport):

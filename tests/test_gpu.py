@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import torch
 
+from transport_jobs import JobResult, _popen, _supervise, free_port, mpiexec_path, run_job, skip_without_mpiexec
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "transports"))
-from transport_jobs import JobResult, _popen, _supervise, free_port, mpiexec_path, run_job  # noqa: E402
 
 DEVICE = os.environ.get("PCPP_TEST_GPU_DEVICE", "cuda")
 WORKER = HERE / "gpu_worker.py"
@@ -57,10 +57,8 @@ def launch(mode: str, transport: str, world: int, out: Path, *extra: str, backen
     if backend is not None:
         common += ["--backend", backend]
     if transport == "mpi":
-        mpiexec = mpiexec_path()
-        if mpiexec is None:
-            pytest.skip("mpiexec not found")
-        procs = [_popen([mpiexec, "-n", str(world), sys.executable, *common], out / "mpiexec.log")]
+        skip_without_mpiexec(transport)
+        procs = [_popen([mpiexec_path(), "-n", str(world), sys.executable, *common], out / "mpiexec.log")]
     else:
         port = free_port()
         procs = [
@@ -109,35 +107,20 @@ def test_cuda_bandwidth_two_ranks_one_gpu(transport: str, backend: str | None, t
 
 # ---------------------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
-def one_device(tiny_sd_path) -> torch.Tensor:
+def one_device(tiny_sd) -> torch.Tensor:
     """tiny-sd's final latent on one device, unwrapped (TF32 off, as in the workers)."""
     from e2e_worker import SIZE, SPEC
 
-    from pcpp_runtime.pipelines import call_pipeline, load_pipeline
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    pipe = load_pipeline(tiny_sd_path, device=DEVICE)
-    pipe.set_progress_bar_config(disable=True)
-    return call_pipeline(pipe, SPEC, *SIZE).cpu()
+    return tiny_sd.one_worker(SPEC, *SIZE, device=DEVICE).cpu()
 
 
-def in_threads(path: str, world: int, policy: str) -> torch.Tensor:
+def in_threads(tiny_sd, world: int, policy: str) -> torch.Tensor:
     """The same job as the worker processes, as threads of this process on the same device."""
     from e2e_worker import SIZE, SPEC, config_for
 
-    from pcpp_runtime import parallelize
-    from pcpp_runtime.pipelines import call_pipeline, load_pipeline
-    from pcpp_runtime.threads import run_in_threads
-
-    pipes = [load_pipeline(path, device=DEVICE) for _ in range(world)]
-    for pipe in pipes:
-        pipe.set_progress_bar_config(disable=True)
-
-    def rank(transport):
-        return call_pipeline(parallelize(pipes[transport.rank], transport, config_for(policy)), SPEC, *SIZE)
-
-    return run_in_threads(world, rank, timeout_s=120)[0].cpu()
+    return tiny_sd.on_ranks(world, config_for(policy), SPEC, *SIZE, device=DEVICE)[0][0].cpu()
 
 
 @pytest.mark.timeout(200)
@@ -151,7 +134,7 @@ def test_engine_nccl_world_size_one_is_unwrapped(one_device, tmp_path) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("transport,backend", SHARED_GPU, ids=[label(*c) for c in SHARED_GPU])
-def test_engine_two_processes_one_gpu(transport: str, backend: str | None, one_device, tiny_sd_path, tmp_path) -> None:
+def test_engine_two_processes_one_gpu(transport: str, backend: str | None, one_device, tiny_sd, tmp_path) -> None:
     from pcpp_runtime.metrics import psnr
 
     job = launch("engine", transport, 2, tmp_path, "--policies", "sync,full,partial", backend=backend,
@@ -167,11 +150,13 @@ def test_engine_two_processes_one_gpu(transport: str, backend: str | None, one_d
         }
     if transport == "zmq":  # once: the process job against the same job as threads on the device
         for policy in ("full", "partial"):
-            threads = in_threads(tiny_sd_path, 2, policy)
+            threads = in_threads(tiny_sd, 2, policy)
             found[policy]["max_abs_diff_vs_threads"] = (latents[policy] - threads).abs().max().item()
     record("engine_two_processes", found)
     torch.testing.assert_close(latents["sync"], one_device, atol=1e-4, rtol=1e-4)
     for policy in ("full", "partial"):
-        assert math.isfinite(found[policy]["max_abs_diff"]) and found[policy]["psnr_db"] > 20.0, found
+        # 52.5 dB measured for both, on an H100 (docs/benchmarks/gpu_tests_h100.jsonl) and on the
+        # CPU (torch 2.13): the stale context's error, not the device's rounding
+        assert math.isfinite(found[policy]["max_abs_diff"]) and found[policy]["psnr_db"] > 47.0, found
         if "max_abs_diff_vs_threads" in found[policy]:
             assert found[policy]["max_abs_diff_vs_threads"] < 1e-4, found

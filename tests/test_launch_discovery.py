@@ -162,16 +162,6 @@ def test_torchrun_second_node():
     )
 
 
-def test_torchrun_without_local_world_size_assumes_one_node():
-    info = discover(without(TORCHRUN_ENV, "LOCAL_WORLD_SIZE"))
-    assert info.local_world_size == info.world_size == 2
-
-
-def test_local_launcher_variables_read_as_local():
-    info = discover(TORCHRUN_ENV | {"PCPP_LAUNCHER": "local"})
-    assert info.source == "local"
-
-
 def test_openmpi_on_two_hosts():
     info = discover(OPENMPI_ENV)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 4, 1, 2)
@@ -182,30 +172,9 @@ def test_openmpi_on_two_hosts():
         info.require_rendezvous()
 
 
-def test_openmpi_on_one_host_rendezvous_on_loopback():
-    env = OPENMPI_ENV | {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
-    assert discover(env).master_addr == "127.0.0.1"
-
-
 def test_openmpi_with_master_addr_and_port():
     info = discover(OPENMPI_ENV | {"MASTER_ADDR": "head", "MASTER_PORT": "31000"})
     assert info.require_rendezvous() == ("head", 31000)
-
-
-def test_openmpi_inside_slurm_allocation_uses_first_host_and_job_id():
-    # mpirun in an sbatch script: its daemons were started by srun, one per node
-    env = OPENMPI_ENV | {
-        "SLURM_PROCID": "1",
-        "SLURM_NTASKS": "2",
-        "SLURM_LOCALID": "0",
-        "SLURM_JOB_NODELIST": "gpu[01-02]",
-        "SLURM_JOB_ID": "777",
-        "SLURMD_NODENAME": "gpu02",
-    }
-    info = discover(env)
-    assert info.source == "openmpi"
-    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1)
-    assert (info.master_addr, info.master_port, info.node) == ("gpu01", 29500 + 777, "gpu02")
 
 
 def test_hydra():
@@ -220,58 +189,50 @@ def test_slurm():
     assert SLURM(SLURM_ENV) == info
 
 
-def test_slurm_node_name_from_node_list_when_slurmd_nodename_missing():
-    env = without(SLURM_ENV, "SLURMD_NODENAME") | {"SLURM_PROCID": "7", "SLURM_NODEID": "3"}
-    assert discover(env).node == "node07"
-
-
-def test_slurm_uses_job_node_list_when_no_step_node_list():
-    env = without(SLURM_ENV, "SLURM_STEP_NODELIST") | {"SLURM_JOB_NODELIST": "gpu[5-8]"}
-    assert discover(env).master_addr == "gpu5"
-
-
 def test_slurm_master_addr_and_port_from_environment_win():
     info = discover(SLURM_ENV | {"MASTER_ADDR": "node01-ib", "MASTER_PORT": "12345"})
     assert info.require_rendezvous() == ("node01-ib", 12345)
-
-
-def test_slurm_uneven_tasks_per_node():
-    env = SLURM_ENV | {
-        "SLURM_NTASKS": "7",
-        "SLURM_STEP_NUM_TASKS": "7",
-        "SLURM_PROCID": "6",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "3",
-        "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
-    }
-    info = discover(env)
-    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (6, 7, 0, 1)
-
-
-def test_slurm_single_node_needs_no_tasks_per_node():
-    env = {
-        "SLURM_PROCID": "2",
-        "SLURM_NTASKS": "4",
-        "SLURM_LOCALID": "2",
-        "SLURM_JOB_NODELIST": "gpu7",
-    }
-    info = discover(env)
-    assert (info.local_world_size, info.master_addr, info.master_port) == (4, "gpu7", 29500)
 
 
 def test_srun_mpi_pmi2_reads_as_slurm():
     assert discover(SLURM_PMI2_ENV) == discover(SLURM_ENV)
 
 
-def test_hydra_inside_slurm_allocation_reads_as_pmi():
-    info = discover(HYDRA_IN_SLURM_ENV)
-    assert info.source == "pmi"
-    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
-    assert (info.master_addr, info.master_port, info.node) == (
-        "node01",
-        29500 + 5150 % 1000,
-        "node02",
-    )
+# An environment a launcher sets in a particular way -> the fields discover() must read from it.
+READS = {
+    "torchrun_without_local_world_size_assumes_one_node": (
+        without(TORCHRUN_ENV, "LOCAL_WORLD_SIZE"), dict(world_size=2, local_world_size=2)),
+    "local_launcher_variables_read_as_local": (TORCHRUN_ENV | {"PCPP_LAUNCHER": "local"}, dict(source="local")),
+    "openmpi_on_one_host_rendezvous_on_loopback": (
+        OPENMPI_ENV | {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, dict(master_addr="127.0.0.1")),
+    # mpirun in an sbatch script: its daemons were started by srun, one per node
+    "openmpi_inside_slurm_allocation_uses_first_host_and_job_id": (
+        OPENMPI_ENV | {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                       "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "777", "SLURMD_NODENAME": "gpu02"},
+        dict(source="openmpi", rank=3, world_size=4, local_rank=1, master_addr="gpu01", master_port=29500 + 777,
+             node="gpu02")),
+    "slurm_node_name_from_node_list_when_slurmd_nodename_missing": (
+        without(SLURM_ENV, "SLURMD_NODENAME") | {"SLURM_PROCID": "7", "SLURM_NODEID": "3"}, dict(node="node07")),
+    "slurm_uses_job_node_list_when_no_step_node_list": (
+        without(SLURM_ENV, "SLURM_STEP_NODELIST") | {"SLURM_JOB_NODELIST": "gpu[5-8]"}, dict(master_addr="gpu5")),
+    "slurm_uneven_tasks_per_node": (
+        SLURM_ENV | {"SLURM_NTASKS": "7", "SLURM_STEP_NUM_TASKS": "7", "SLURM_PROCID": "6", "SLURM_LOCALID": "0",
+                     "SLURM_NODEID": "3", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"},
+        dict(rank=6, world_size=7, local_rank=0, local_world_size=1)),
+    "slurm_single_node_needs_no_tasks_per_node": (
+        {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "2", "SLURM_JOB_NODELIST": "gpu7"},
+        dict(local_world_size=4, master_addr="gpu7", master_port=29500)),
+    "hydra_inside_slurm_allocation_reads_as_pmi": (
+        HYDRA_IN_SLURM_ENV,
+        dict(source="pmi", rank=5, world_size=8, local_rank=1, local_world_size=4, master_addr="node01",
+             master_port=29500 + 5150 % 1000, node="node02")),
+}
+
+
+@pytest.mark.parametrize(("env", "fields"), READS.values(), ids=list(READS))
+def test_discover_reads(env, fields):
+    info = discover(env)
+    assert {name: getattr(info, name) for name in fields} == fields
 
 
 # ---- precedence ---------------------------------------------------------------------------------

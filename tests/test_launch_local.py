@@ -280,13 +280,21 @@ def start_launcher(
     return launcher, pids
 
 
-def test_ctrl_c_is_forwarded_to_the_workers():
-    launcher, pids = start_launcher(2, "--grace", "2")
+def signal_launcher(launcher: subprocess.Popen, *signals: int, pause: float = 0.3) -> int:
+    """Send ``signals`` to the launcher, ``pause`` seconds apart; its exit code (killed in any case)."""
     try:
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(timeout=10)
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(pause)
+            launcher.send_signal(sig)
+        return launcher.wait(timeout=10)
     finally:
         launcher.kill()
+
+
+def test_ctrl_c_is_forwarded_to_the_workers():
+    launcher, pids = start_launcher(2, "--grace", "2")
+    code = signal_launcher(launcher, signal.SIGINT)
     assert code == 128 + signal.SIGINT
     assert all(gone(pid) for pid in pids)
     err = launcher.stderr.read().decode()
@@ -297,13 +305,9 @@ def test_ctrl_c_is_forwarded_to_the_workers():
 def test_sigterm_then_kill_for_workers_that_ignore_it():
     env = dict(os.environ, IGNORE_TERM="1")
     launcher, pids = start_launcher(2, "--grace", "0.5", env=env)
-    try:
-        start = time.monotonic()
-        launcher.send_signal(signal.SIGTERM)
-        code = launcher.wait(timeout=10)
-        assert time.monotonic() - start < 5
-    finally:
-        launcher.kill()
+    start = time.monotonic()
+    code = signal_launcher(launcher, signal.SIGTERM)
+    assert time.monotonic() - start < 5
     assert code == 128 + signal.SIGTERM
     assert all(gone(pid) for pid in pids)
 
@@ -311,13 +315,7 @@ def test_sigterm_then_kill_for_workers_that_ignore_it():
 def test_second_ctrl_c_kills_at_once():
     env = dict(os.environ, IGNORE_TERM="1")
     launcher, pids = start_launcher(2, "--grace", "30", env=env)
-    try:
-        launcher.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        launcher.send_signal(signal.SIGINT)
-        code = launcher.wait(timeout=10)
-    finally:
-        launcher.kill()
+    code = signal_launcher(launcher, signal.SIGINT, signal.SIGINT, pause=0.3)
     assert code == 128 + signal.SIGINT
     assert all(gone(pid) for pid in pids)
 

@@ -8,7 +8,6 @@ its environment: the sbatch scripts under a fake ``srun``/``scontrol`` (2 nodes 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 
 LAUNCH = Path(launch.__file__).resolve().parent
 ROOT = LAUNCH.parent
-BIN = Path(sys.executable).parent
 TEMPLATES = [
     LAUNCH / "slurm" / "single_node.sbatch",
     LAUNCH / "slurm" / "multi_node.sbatch",
@@ -111,9 +109,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def run(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=50)
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+def run(template: Path, stub_bin: Path, cwd: Path, *, code: int = 0, **env: str) -> subprocess.CompletedProcess:
+    """``bash template`` with the stubs first on PATH and ``env`` added to :func:`clean_env`'s;
+    it must exit with ``code``."""
+    env = clean_env(PATH=f"{stub_bin}:{os.environ['PATH']}", **env)
+    done = subprocess.run(["bash", str(template)], env=env, cwd=cwd, capture_output=True, text=True, timeout=50)
+    assert done.returncode == code, f"exit code {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     return done
 
 
@@ -153,16 +154,9 @@ def test_hostfile_example():
 def test_sbatch_templates_under_fake_srun(
     stub_bin: Path, tmp_path: Path, script: str, transport: str
 ):
-    env = clean_env(
-        PATH=f"{stub_bin}:{os.environ['PATH']}",
-        SLURM_JOB_ID="123456",
-        SLURM_JOB_NODELIST="node[01-02]",
-        SLURM_NNODES="2",
-        SLURM_NTASKS="4",
-        SLURM_CPUS_PER_TASK="2",
-        TRANSPORT=transport,
-    )
-    done = run(["bash", str(LAUNCH / "slurm" / f"{script}.sbatch")], env, tmp_path)
+    slurm = dict(SLURM_JOB_ID="123456", SLURM_JOB_NODELIST="node[01-02]", SLURM_NNODES="2", SLURM_NTASKS="4")
+    done = run(LAUNCH / "slurm" / f"{script}.sbatch", stub_bin, tmp_path, **slurm, SLURM_CPUS_PER_TASK="2",
+               TRANSPORT=transport)
     want = "torch" if script == "single_node" else transport
     assert ranks(done.stdout) == [
         f"{rank} 4 {rank % 2} 2 node01 29956 slurm node0{rank // 2 + 1} | {want}"
@@ -173,61 +167,32 @@ def test_sbatch_templates_under_fake_srun(
 
 
 def test_multi_node_sbatch_rejects_an_unknown_transport(stub_bin: Path, tmp_path: Path):
-    env = clean_env(
-        PATH=f"{stub_bin}:{os.environ['PATH']}",
-        SLURM_JOB_ID="1",
-        SLURM_JOB_NODELIST="n1",
-        SLURM_NNODES="1",
-        SLURM_NTASKS="1",
-        TRANSPORT="carrier-pigeon",
-    )
-    done = subprocess.run(
-        ["bash", str(LAUNCH / "slurm" / "multi_node.sbatch")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
-    assert done.returncode == 2 and "TRANSPORT must be torch, zmq or mpi" in done.stderr
+    slurm = dict(SLURM_JOB_ID="1", SLURM_JOB_NODELIST="n1", SLURM_NNODES="1", SLURM_NTASKS="1")
+    done = run(LAUNCH / "slurm" / "multi_node.sbatch", stub_bin, tmp_path, code=2, **slurm, TRANSPORT="carrier-pigeon")
+    assert "TRANSPORT must be torch, zmq or mpi" in done.stderr
 
 
-@pytest.mark.skipif(not (BIN / "mpirun").exists(), reason="no mpirun next to this Python")
-def test_mpirun_example_under_hydra(stub_bin: Path, tmp_path: Path):
-    version = subprocess.run(
-        [str(BIN / "mpirun"), "--version"], capture_output=True, text=True, timeout=10
+def test_mpirun_example_under_hydra(mpiexec: str, stub_bin: Path, tmp_path: Path):
+    mpirun = Path(mpiexec).with_name("mpirun")  # the mpich wheel installs both
+    version = subprocess.run([str(mpirun), "--version"], capture_output=True, text=True, timeout=10)
+    assert "HYDRA" in version.stdout + version.stderr, (
+        f"{mpirun} is not MPICH's Hydra: pip install -e '.[test]' installs it (the mpich wheel)\n"
+        f"{version.stdout}{version.stderr}"
     )
-    if "HYDRA" not in version.stdout + version.stderr:
-        pytest.skip("the mpirun here is not MPICH's Hydra")
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# one machine\nlocalhost slots=2\n")
-    env = clean_env(
-        PATH=f"{stub_bin}:{os.environ['PATH']}",
-        MPIRUN=str(BIN / "mpirun"),
-        HOSTFILE=str(hostfile),
-        NP="2",
-        TRANSPORT="zmq",
-    )
-    done = run(["bash", str(LAUNCH / "examples" / "mpirun.sh")], env, tmp_path)
+    done = run(LAUNCH / "examples" / "mpirun.sh", stub_bin, tmp_path, MPIRUN=str(mpirun), HOSTFILE=str(hostfile),
+               NP="2", TRANSPORT="zmq")
     node = ranks(done.stdout)[0].split()[7]  # Hydra's PMI_HOSTNAME: this machine's name
     assert ranks(done.stdout) == [
         f"{rank} 2 {rank} 2 localhost 29500 pmi {node} | zmq" for rank in range(2)
     ]
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun", path=str(BIN)) is None, reason="no torchrun next to this Python"
-)
-def test_torchrun_example(stub_bin: Path, tmp_path: Path):
-    env = clean_env(
-        PATH=f"{stub_bin}:{os.environ['PATH']}",
-        TORCHRUN=str(BIN / "torchrun"),
-        NPROC_PER_NODE="2",
-        MASTER_PORT=str(launch.free_port()),
-        TRANSPORT="torch",
-    )
-    done = run(["bash", str(LAUNCH / "examples" / "torchrun.sh")], env, tmp_path)
-    port = env["MASTER_PORT"]
+def test_torchrun_example(torchrun: Path, stub_bin: Path, tmp_path: Path):
+    port = str(launch.free_port())
+    done = run(LAUNCH / "examples" / "torchrun.sh", stub_bin, tmp_path, TORCHRUN=str(torchrun), NPROC_PER_NODE="2",
+               MASTER_PORT=port, TRANSPORT="torch")
     assert ranks(done.stdout) == [
         f"{rank} 2 {rank} 2 127.0.0.1 {port} torchrun 0 | torch" for rank in range(2)
     ]

@@ -3,7 +3,8 @@ class), SD 2.x, SDXL, DiT, PixArt -- each split over in-process ranks and compar
 worker, through the family's own diffusers pipeline.
 
 * ``sync`` on 2 and 3 ranks equals one worker (final latent, 8 steps, guidance on: batch 2);
-* ``full`` and ``partial(0.3)`` run end to end; their PSNR against one worker is printed;
+* ``full`` and ``partial(0.3)`` run end to end; their PSNR against one worker is printed and
+  held to the measured value;
 * DiT: 3 and 5 ranks (5 gives uneven strips of 2 and 1 patch rows), and a non-square latent
   through the bare transformer; PixArt: a non-square image through its pipeline, and the
   PixArt-sigma pipeline on the same components;
@@ -13,12 +14,12 @@ worker, through the family's own diffusers pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
 import torch
 
-from engine_helpers import quiet_pipeline
 from pcpp_runtime import ParallelConfig, parallelize
 from pcpp_runtime.jobs import JobSpec
 from pcpp_runtime.metrics import psnr
@@ -33,49 +34,24 @@ SPEC = JobSpec(steps=8, guidance_scale=5.0, seed=3)
 #: the transformers, whose 2x2 patches make an 8x8 token grid)
 FAMILIES = {"tiny-sd-pos": (64, 64), "tiny-sd2": (64, 64), "tiny-sdxl": (64, 64), "tiny-dit": (32, 32), "tiny-pixart": (32, 32)}
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def paths(model_cache):
-    from pcpp_runtime.models.builtin import builtin_model_path
-
-    return {name: str(builtin_model_path(name)) for name in (*FAMILIES, "tiny-sd")}
-
-
-def loader(path: str, scheduler: str | None = None, pipeline_class=None):
-    """A function loading a fresh quiet pipeline (optionally re-wrapped in another pipeline
-    class over the same components)."""
-
-    def load():
-        pipe = quiet_pipeline(path, scheduler)
-        if pipeline_class is not None:
-            pipe = pipeline_class(**pipe.components)
-            pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return load
-
-
-def on_ranks(load, world: int, config: ParallelConfig, shape: tuple[int, int], spec: JobSpec = SPEC, wrapped=None):
-    """Every rank's final latent (pipelines load before the threads start); the wrapped
-    pipelines go into ``wrapped`` (a dict by rank) when one is given."""
-    pipes = [load() for _ in range(world)]
-    wrapped = {} if wrapped is None else wrapped
-
-    def rank(transport):
-        wrapped[transport.rank] = parallelize(pipes[transport.rank], transport, config)
-        return call_pipeline(wrapped[transport.rank], spec, *shape)
-
-    return run_in_threads(world, rank, timeout_s=120)
-
+#: PSNR in dB of ``full`` and ``partial(0.3)`` against one worker on 2 ranks (2 warm-up steps of
+#: 8), as measured (torch 2.13 CPU); the test asserts 5 dB under each. Random weights keep the
+#: attention's share of the output small, hence values far above a trained model's.
+APPROXIMATE_PSNR_DB = {
+    ("tiny-sd-pos", "full"): 53.7, ("tiny-sd-pos", "partial"): 53.6,
+    ("tiny-sd2", "full"): 43.0, ("tiny-sd2", "partial"): 42.6,
+    ("tiny-sdxl", "full"): 52.7, ("tiny-sdxl", "partial"): 52.7,
+    ("tiny-dit", "full"): 69.9, ("tiny-dit", "partial"): 65.7,
+    ("tiny-pixart", "full"): 86.0, ("tiny-pixart", "partial"): 80.0,
+}
 
 _references: dict = {}
 
 
-def reference(key, load, shape: tuple[int, int], spec: JobSpec = SPEC) -> torch.Tensor:
-    """One worker's final latent, computed once per key."""
+def reference(key, model, shape: tuple[int, int], spec: JobSpec = SPEC, **load) -> torch.Tensor:
+    """One worker's final latent, computed once per key (``load``: see ``BuiltinModel``)."""
     if key not in _references:
-        _references[key] = call_pipeline(load(), spec, *shape)
+        _references[key] = model.one_worker(spec, *shape, **load)
     return _references[key]
 
 
@@ -88,66 +64,65 @@ def assert_all_equal_one_worker(latents, expected) -> None:
 # ---------------------------------------------------------------------- every family
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_sync_equals_one_worker(paths, family, world):
-    load, shape = loader(paths[family]), FAMILIES[family]
-    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
-    assert_all_equal_one_worker(latents, reference(family, load, shape))
+def test_sync_equals_one_worker(builtin_model, family, world):
+    model, shape = builtin_model(family), FAMILIES[family]
+    latents, _ = model.on_ranks(world, ParallelConfig(policy="sync"), SPEC, *shape)
+    assert_all_equal_one_worker(latents, reference(family, model, shape))
 
 
 @pytest.mark.parametrize("policy", ["full", "partial"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_approximate_policies_run_and_report_psnr(paths, family, policy):
-    load, shape = loader(paths[family]), FAMILIES[family]
-    latents = on_ranks(load, 2, ParallelConfig(policy=policy, portion=0.3, warmup_steps=2), shape)
-    value = psnr(latents[0], reference(family, load, shape))
+def test_approximate_policies_run_and_report_psnr(builtin_model, family, policy):
+    model, shape = builtin_model(family), FAMILIES[family]
+    latents, _ = model.on_ranks(2, ParallelConfig(policy=policy, portion=0.3, warmup_steps=2), SPEC, *shape)
+    value = psnr(latents[0], reference(family, model, shape))
     print(f"{family} {policy}: PSNR {value:.2f} dB against one worker")
-    # measured 40-90 dB: random weights keep the attention's share of the output small
-    assert 10.0 < value < float("inf")
+    assert APPROXIMATE_PSNR_DB[family, policy] - 5.0 < value < float("inf")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_world_size_one_is_bit_identical(paths, family):
-    load, shape = loader(paths[family]), FAMILIES[family]
-    wrapped = parallelize(load(), LocalFabric(1).transport(0), ParallelConfig(policy="partial"))
-    assert torch.equal(call_pipeline(wrapped, SPEC, *shape), reference(family, load, shape))
+def test_world_size_one_is_bit_identical(builtin_model, family):
+    model, shape = builtin_model(family), FAMILIES[family]
+    wrapped = parallelize(model.pipeline(), LocalFabric(1).transport(0), ParallelConfig(policy="partial"))
+    assert torch.equal(call_pipeline(wrapped, SPEC, *shape), reference(family, model, shape))
 
 
-def test_plans_of_the_families(paths):
+def test_plans_of_the_families(builtin_model):
     """What each plan splits: UNets as before; transformers by patch embedding + attn1, aligned
     to the patch size, gathering both halves of a learned-sigma output."""
     for family in ("tiny-sd-pos", "tiny-sd2", "tiny-sdxl"):
-        plan = plan_for(denoiser_of(quiet_pipeline(paths[family])))
+        plan = plan_for(denoiser_of(builtin_model(family).pipeline()))
         assert plan.family == "sd-unet" and plan.alignment == 4 and plan.strip_forward is None
-    positional = plan_for(denoiser_of(quiet_pipeline(paths["tiny-sd-pos"])))
+    positional = plan_for(denoiser_of(builtin_model("tiny-sd-pos").pipeline()))
     assert positional.layers[:2] == (LayerRule("conv_in.0", "first_conv"), LayerRule("conv_in.1", "position_embedding"))
-    sdxl = plan_for(denoiser_of(quiet_pipeline(paths["tiny-sdxl"])))
+    sdxl = plan_for(denoiser_of(builtin_model("tiny-sdxl").pipeline()))
     assert "mid_block.attentions.0.transformer_blocks.1.attn1" in sdxl.paths("self_attention")
     for family, name in (("tiny-dit", "dit"), ("tiny-pixart", "pixart")):
-        plan = plan_for(denoiser_of(quiet_pipeline(paths[family])))
+        plan = plan_for(denoiser_of(builtin_model(family).pipeline()))
         assert plan.family == name and plan.alignment == 2 and plan.output_channels == 8
         assert plan.paths("patch_embed") == ["pos_embed"]
         assert plan.paths("self_attention") == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
         assert {rule.kind for rule in plan.layers} == {"patch_embed", "self_attention"}
 
 
-def test_position_embedding_off_its_table_size_gives_each_strip_its_rows(paths):
+def test_position_embedding_off_its_table_size_gives_each_strip_its_rows(builtin_model):
     """A 48 x 32 latent (the table is 32 x 32, so it is resized) on 3 ranks: ``sync`` still
     equals one worker, so each strip got its rows of the full latent's resized table."""
-    load, shape = loader(paths["tiny-sd-pos"]), (96, 64)
-    latents = on_ranks(load, 3, ParallelConfig(policy="sync"), shape)
-    assert_all_equal_one_worker(latents, reference("tiny-sd-pos-96x64", load, shape))
+    model, shape = builtin_model("tiny-sd-pos"), (96, 64)
+    latents, _ = model.on_ranks(3, ParallelConfig(policy="sync"), SPEC, *shape)
+    assert_all_equal_one_worker(latents, reference("tiny-sd-pos-96x64", model, shape))
 
 
 # ---------------------------------------------------------------------- DiT / PixArt specifics
 @pytest.mark.parametrize("world", [3, 5])
-def test_dit_sync_on_three_and_five_ranks(paths, world):
-    load, shape = loader(paths["tiny-dit"]), FAMILIES["tiny-dit"]
-    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
-    assert_all_equal_one_worker(latents, reference("tiny-dit", load, shape))
+def test_dit_sync_on_three_and_five_ranks(builtin_model, world):
+    model, shape = builtin_model("tiny-dit"), FAMILIES["tiny-dit"]
+    latents, _ = model.on_ranks(world, ParallelConfig(policy="sync"), SPEC, *shape)
+    assert_all_equal_one_worker(latents, reference("tiny-dit", model, shape))
 
 
 @pytest.mark.parametrize("world", [3, 5])
-def test_dit_transformer_on_a_non_square_latent(paths, world):
+def test_dit_transformer_on_a_non_square_latent(builtin_model, world):
     """DiTPipeline only makes square images, and diffusers' DiT forward only unpatchifies square
     token grids; the one-worker reference is that forward with the grid taken from the input
     (the plan's ``dit_strip_forward``, equal to the library's on square grids: see below). A
@@ -157,7 +132,7 @@ def test_dit_transformer_on_a_non_square_latent(paths, world):
 
     from pcpp_runtime.models.plans.dit import dit_strip_forward
 
-    path = paths["tiny-dit"]
+    path = builtin_model("tiny-dit").path
     steps = 8
     torch.manual_seed(0)
     start = torch.randn(2, 4, 20, 12)
@@ -191,41 +166,12 @@ def test_dit_transformer_on_a_non_square_latent(paths, world):
     assert_all_equal_one_worker(run_in_threads(world, rank, timeout_s=120), expected)
 
 
-@pytest.mark.parametrize("policy", ["sync", "partial"])
-def test_dit_bytes_per_step_match_the_formula(paths, policy):
-    """The engine's and the transport's byte counts and the documented formula agree for a
-    transformer too (attention at the patch grid: resolution factor 2; no halos, no norms)."""
-    from pcpp_runtime.formulas import expected_bytes_per_step, probe_layer_shapes
-
-    path, world = paths["tiny-dit"], 3
-    model = quiet_pipeline(path).transformer
-    model_plan = plan_for(model)
-    layer_shapes = probe_layer_shapes(
-        model, model_plan, torch.zeros(2, 4, 16, 16), timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 1000])
-    )
-    config = ParallelConfig(policy=policy, portion=0.3, warmup_steps=2)
-    wrapped: dict = {}
-    on_ranks(loader(path), world, config, FAMILIES["tiny-dit"], wrapped=wrapped)
-    for rank, pipe in wrapped.items():
-        runtime = pipe.runtime
-        assert runtime.num_steps == SPEC.steps
-        for step in range(runtime.num_steps):
-            expected = expected_bytes_per_step(
-                layer_shapes, runtime.plan, model_plan, config, rank, step, runtime.num_steps,
-                runtime.is_synchronous(step), batch=2, element_size=4,
-            )
-            measured = runtime.ledger.received.get(step, {})
-            for kind in ("attention_kv", "halo", "norm", "output"):
-                assert measured.get(kind, 0) == expected[kind], f"rank {rank} step {step} {kind}"
-        assert pipe.denoiser.transport.counters.payload_received == runtime.ledger.total("received")
-
-
-def test_dit_strip_forward_is_the_library_forward_on_square_grids(paths):
+def test_dit_strip_forward_is_the_library_forward_on_square_grids(builtin_model):
     from diffusers import DiTTransformer2DModel
 
     from pcpp_runtime.models.plans.dit import dit_strip_forward
 
-    model = DiTTransformer2DModel.from_pretrained(paths["tiny-dit"], subfolder="transformer")
+    model = DiTTransformer2DModel.from_pretrained(builtin_model("tiny-dit").path, subfolder="transformer")
     torch.manual_seed(1)
     x, t, labels = torch.randn(2, 4, 16, 16), torch.tensor([10, 700]), torch.tensor([1, 1000])
     with torch.no_grad():
@@ -235,23 +181,23 @@ def test_dit_strip_forward_is_the_library_forward_on_square_grids(paths):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_pixart_non_square_image(paths, world):
-    load, shape = loader(paths["tiny-pixart"]), (32, 48)  # a 16x24 latent, 8x12 patches
-    latents = on_ranks(load, world, ParallelConfig(policy="sync"), shape)
+def test_pixart_non_square_image(builtin_model, world):
+    model, shape = builtin_model("tiny-pixart"), (32, 48)  # a 16x24 latent, 8x12 patches
+    latents, _ = model.on_ranks(world, ParallelConfig(policy="sync"), SPEC, *shape)
     assert latents[0].shape == (1, 4, 16, 24)
-    assert_all_equal_one_worker(latents, reference(("tiny-pixart", shape), load, shape))
+    assert_all_equal_one_worker(latents, reference(("tiny-pixart", shape), model, shape))
 
 
-def test_pixart_sigma_pipeline(paths):
+def test_pixart_sigma_pipeline(builtin_model):
     from diffusers import PixArtSigmaPipeline
 
-    load, shape = loader(paths["tiny-pixart"], pipeline_class=PixArtSigmaPipeline), FAMILIES["tiny-pixart"]
-    latents = on_ranks(load, 2, ParallelConfig(policy="sync"), shape)
-    assert_all_equal_one_worker(latents, reference("tiny-pixart-sigma", load, shape))
+    model, shape, sigma = builtin_model("tiny-pixart"), FAMILIES["tiny-pixart"], {"pipeline_class": PixArtSigmaPipeline}
+    latents, _ = model.on_ranks(2, ParallelConfig(policy="sync"), SPEC, *shape, **sigma)
+    assert_all_equal_one_worker(latents, reference("tiny-pixart-sigma", model, shape, **sigma))
 
 
-def test_dit_class_labels_and_native_size(paths):
-    pipe = quiet_pipeline(paths["tiny-dit"])
+def test_dit_class_labels_and_native_size(builtin_model):
+    pipe = builtin_model("tiny-dit").pipeline()
     assert class_label(pipe, "207") == 207
     assert class_label(pipe, "a red circle") == class_label(pipe, " a red circle ") < 1000
     with pytest.raises(ValueError, match="classes 0 to 999"):
@@ -263,10 +209,10 @@ def test_dit_class_labels_and_native_size(paths):
 
 # ---------------------------------------------------------------------- schedulers, refusals
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler-a", "dpm++"])
-def test_schedulers_sync_equals_one_worker_on_tiny_sd(paths, scheduler):
-    load, shape = loader(paths["tiny-sd"], scheduler), (64, 64)
-    latents = on_ranks(load, 2, ParallelConfig(policy="sync"), shape)
-    assert_all_equal_one_worker(latents, reference(("tiny-sd", scheduler), load, shape))
+def test_schedulers_sync_equals_one_worker_on_tiny_sd(tiny_sd, scheduler):
+    spec, shape = dataclasses.replace(SPEC, scheduler=scheduler), (64, 64)
+    latents, _ = tiny_sd.on_ranks(2, ParallelConfig(policy="sync"), spec, *shape)
+    assert_all_equal_one_worker(latents, reference(("tiny-sd", scheduler), tiny_sd, shape, spec))
 
 
 def test_unknown_model_class_is_refused_with_the_supported_list():
@@ -281,11 +227,13 @@ def test_unknown_model_class_is_refused_with_the_supported_list():
         parallelize(model, LocalFabric(2).transport(0), ParallelConfig(), num_steps=1)
 
 
-def test_pcpp_generate_with_tiny_dit(paths, tmp_path, capsys):
+def test_pcpp_generate_with_tiny_dit(builtin_model, tmp_path, capsys):
     """`pcpp generate --model tiny-dit` (in process): the prompt names the class."""
     import json
 
     from pcpp_runtime.cli import main
+
+    builtin_model("tiny-dit")  # built into the session's cache before the command looks for it
 
     image, report = tmp_path / "dit.png", tmp_path / "dit.json"
     code = main(["generate", "--model", "tiny-dit", "--prompt", "207", "--nproc", "3", "--steps", "4",
@@ -294,15 +242,16 @@ def test_pcpp_generate_with_tiny_dit(paths, tmp_path, capsys):
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(report.read_text())
     assert data["world_size"] == 3 and (data["height"], data["width"]) == (32, 32)
-    assert data["psnr_db"] > 10 and data["engine_bytes_received"] == data["transport_bytes_received"]
+    # partial(0.3) after 2 warm-up steps of 4: 71.8 dB measured (torch 2.13 CPU)
+    assert data["psnr_db"] > 66, data["psnr_db"]
+    assert data["engine_bytes_received"] == data["transport_bytes_received"]
     assert "vs one worker" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cfg_parallel_sync_equals_one_worker(paths, family):
+def test_cfg_parallel_sync_equals_one_worker(builtin_model, family):
     """CFG parallel on 2 ranks: per-sample conditioning (SDXL's added_cond_kwargs, DiT's class
     labels, PixArt's masks) is split with the batch."""
-    load = loader(paths[family])
-    shape = FAMILIES[family]
-    latents = on_ranks(load, 2, ParallelConfig(policy="sync", cfg_split=True), shape)
-    assert_all_equal_one_worker(latents, reference(family, load, shape))
+    model, shape = builtin_model(family), FAMILIES[family]
+    latents, _ = model.on_ranks(2, ParallelConfig(policy="sync", cfg_split=True), SPEC, *shape)
+    assert_all_equal_one_worker(latents, reference(family, model, shape))

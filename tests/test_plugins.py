@@ -7,10 +7,9 @@ import textwrap
 
 import pytest
 
-from engine_helpers import on_ranks
 from pcpp_runtime import ParallelConfig, PartialPolicy
 from pcpp_runtime.jobs import JobSpec
-from pcpp_runtime.registry import PluginLoadError, Registry, policies
+from pcpp_runtime.registry import PluginLoadError, Registry
 
 
 class GrowingPortion(PartialPolicy):
@@ -39,23 +38,25 @@ def _write_plugin(tmp_path, body: str, name: str) -> None:
 def test_entry_point_plugins_load_and_broken_ones_raise(tmp_path, monkeypatch):
     _write_plugin(tmp_path, "from pcpp_runtime import FullPolicy\nclass Policy(FullPolicy):\n    pass\n", "goodplugin")
     monkeypatch.syspath_prepend(str(tmp_path))
-    registry = Registry("policy", "pcpp_runtime.test_policies")
-    assert "goodplugin" in registry.names()
-    assert registry.get("goodplugin").__module__ == "goodplugin"
+    try:
+        registry = Registry("policy", "pcpp_runtime.test_policies")
+        assert "goodplugin" in registry.names()
+        assert registry.get("goodplugin").__module__ == "goodplugin"
 
-    _write_plugin(tmp_path, "raise ImportError('needs numpy 9')\n", "badplugin")
-    broken = Registry("policy", "pcpp_runtime.test_policies")
-    with pytest.raises(PluginLoadError, match="badplugin.*needs numpy 9"):
-        broken.names()
-    sys.modules.pop("goodplugin", None)
+        _write_plugin(tmp_path, "raise ImportError('needs numpy 9')\n", "badplugin")
+        broken = Registry("policy", "pcpp_runtime.test_policies")
+        with pytest.raises(PluginLoadError, match="badplugin.*needs numpy 9"):
+            broken.names()
+    finally:  # the plugins' modules go with their folder
+        for name in ("goodplugin", "badplugin"):
+            sys.modules.pop(name, None)
 
 
-def test_a_researchers_policy_runs_end_to_end(tiny_sd_path):
-    if "test-growing" not in policies:
-        policies.register("test-growing", GrowingPortion)
+def test_a_researchers_policy_runs_end_to_end(tiny_sd, plugin_registries):
+    plugin_registries.policies.register("test-growing", GrowingPortion)  # gone again after the test
     spec = JobSpec(steps=8, seed=0)
     config = ParallelConfig(policy="test-growing", warmup_steps=2)
-    _, wrapped = on_ranks(tiny_sd_path, 3, config, spec, 64, 64)
+    _, wrapped = tiny_sd.on_ranks(3, config, spec, 64, 64)
     kv = [wrapped[1].runtime.ledger.received[step]["attention_kv"] for step in range(2, 8)]
     print("middle rank's KV bytes per displaced step:", kv)
     assert kv == sorted(kv) and kv[-1] > kv[0]  # the portion grows, and only those rows travel

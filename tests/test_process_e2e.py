@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,26 +13,20 @@ import pytest
 import torch
 
 from e2e_worker import SIZE, SPEC, config_for
-from engine_helpers import on_ranks
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "e2e_worker.py"
 POLICIES = ("full", "partial")
 
 
-def mpiexec() -> str | None:
-    candidate = Path(sys.executable).parent / "mpiexec"
-    return str(candidate) if candidate.exists() else shutil.which("mpiexec")
-
-
 @pytest.fixture(scope="module")
-def local_reference(tiny_sd_path):
+def local_reference(tiny_sd):
     """Final latents over the in-process transport, one torch thread (as the workers)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return {
-            (world, policy): on_ranks(tiny_sd_path, world, config_for(policy), SPEC, *SIZE)[0][0]
+            (world, policy): tiny_sd.on_ranks(world, config_for(policy), SPEC, *SIZE)[0][0]
             for world in (2, 4)
             for policy in POLICIES
         }
@@ -41,12 +34,10 @@ def local_reference(tiny_sd_path):
         torch.set_num_threads(threads)
 
 
-def launch(transport: str, world: int, out: Path) -> subprocess.CompletedProcess:
+def launch(transport: str, world: int, out: Path, mpiexec: str | None) -> subprocess.CompletedProcess:
     worker = [sys.executable, str(WORKER), "--transport", transport, "--out", str(out), "--policies", ",".join(POLICIES)]
     if transport == "mpi":
-        if mpiexec() is None:
-            pytest.skip("mpiexec not found")
-        command = [mpiexec(), "-n", str(world)] + worker
+        command = [mpiexec, "-n", str(world)] + worker
     else:
         command = [sys.executable, "-m", "pcpp_runtime.cli", "launch", "-n", str(world), "--timeout", "240", "--"] + worker
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -56,8 +47,9 @@ def launch(transport: str, world: int, out: Path) -> subprocess.CompletedProcess
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("transport", ["torch", "mpi", "zmq"])
-def test_process_transports_match_in_process_bit_for_bit(transport, world, tmp_path, local_reference):
-    result = launch(transport, world, tmp_path)
+def test_process_transports_match_in_process_bit_for_bit(transport, world, tmp_path, local_reference, request):
+    mpiexec = request.getfixturevalue("mpiexec") if transport == "mpi" else None
+    result = launch(transport, world, tmp_path, mpiexec)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for policy in POLICIES:
         latents = torch.load(tmp_path / f"{policy}.pt", weights_only=True)

@@ -115,7 +115,8 @@ def test_ssim_and_psnr_of_images():
     assert ssim(x, x) == pytest.approx(1.0)
     assert psnr(x, x, 1.0) == float("inf")
     values = [ssim((x + s * torch.randn_like(x)).clamp(0, 1), x) for s in (0.01, 0.05, 0.2)]
-    assert values[0] > values[1] > values[2] > 0.0
+    # 0.9994, 0.985 and 0.818 measured (noise 0.01, 0.05, 0.2; float64, the seeded CPU generator)
+    assert values[0] > values[1] > values[2] > 0.75, values
     noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
     assert ssim(noisy, x) == pytest.approx(ssim(x, noisy))  # symmetric
     # a constant image against a shifted constant: structure term 1, luminance term < 1
@@ -141,7 +142,9 @@ def test_generate_grid_writes_one_labelled_picture_and_a_report(tmp_path):
     labels = [run["label"] for run in data["runs"]]
     assert labels == ["1 worker", "sync", "full", "partial(0.3)", "none"]
     runs = {run["label"]: run for run in data["runs"]}
-    assert runs["sync"]["image_psnr_db"] is None or runs["sync"]["image_psnr_db"] > 80  # sync = one worker
+    # sync = one worker but for float32 rounding: 135.3 dB measured (torch 2.13 CPU); rounding
+    # varies more between builds than an approximation's error, hence 10 dB of margin
+    assert runs["sync"]["image_psnr_db"] is None or runs["sync"]["image_psnr_db"] > 125, runs["sync"]
     assert runs["none"]["mb_received_per_step"] < runs["partial(0.3)"]["mb_received_per_step"] < runs["full"]["mb_received_per_step"]
     image = Image.open(out)
     assert image.size[0] >= 5 * 192  # five tiles side by side

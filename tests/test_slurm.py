@@ -29,19 +29,8 @@ from pathlib import Path
 import pytest
 
 import pcpp_runtime.launch as launch
+from launch_jobs import HEIGHT, PROMPT, STEPS, WIDTH, check_job, descendants, job_env, tail
 from slurm_fixture import slurm_cluster  # noqa: F401 - a fixture
-from test_launchers_e2e import (
-    HEIGHT,
-    PROMPT,
-    STEPS,
-    WIDTH,
-    check_job,
-    descendants,
-    free_port,
-    job_env,
-    one_worker_reference,
-    tail,
-)
 
 TEMPLATES = Path(launch.__file__).resolve().parent / "slurm"
 VENV = Path(sys.prefix)
@@ -85,7 +74,7 @@ def prepare(template: str, folder: Path, tasks_per_node: int) -> Path:
 def submit(cluster, script: Path, *sbatch_args: str, **export: str) -> subprocess.CompletedProcess:
     """``sbatch --wait`` from the script's folder; on timeout cancel the job and fail."""
     folder = script.parent
-    env = cluster.env(**job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **export))
+    env = cluster.env(**job_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.free_port()), **export))
     argv = ["sbatch", "--wait", "--parsable", *sbatch_args, str(script.name)]
     proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -113,11 +102,6 @@ def check(cluster, folder: Path, done: subprocess.CompletedProcess, transport: s
     return report
 
 
-@pytest.fixture(scope="module")
-def reference(slurm_cluster):  # noqa: F811 - after the cluster: nothing made where skipped
-    return one_worker_reference()
-
-
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -141,7 +125,7 @@ def no_leftover_tasks(slurm_cluster):  # noqa: F811
 
 
 @pytest.mark.timeout(200)
-def test_single_node_sbatch_torch(slurm_cluster, reference, tmp_path, no_leftover_tasks):  # noqa: F811
+def test_single_node_sbatch_torch(slurm_cluster, one_worker_png, tmp_path, no_leftover_tasks):  # noqa: F811
     script = prepare("single_node.sbatch", tmp_path, tasks_per_node=2)
     done = submit(slurm_cluster, script)
     check(slurm_cluster, tmp_path, done, transport="torch", world=2)
@@ -149,7 +133,7 @@ def test_single_node_sbatch_torch(slurm_cluster, reference, tmp_path, no_leftove
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("transport", ["mpi", "zmq"])
-def test_multi_node_sbatch(transport, slurm_cluster, reference, tmp_path, no_leftover_tasks):  # noqa: F811
+def test_multi_node_sbatch(transport, slurm_cluster, one_worker_png, tmp_path, no_leftover_tasks):  # noqa: F811
     script = prepare("multi_node.sbatch", tmp_path, tasks_per_node=2)
     done = submit(slurm_cluster, script, "-N", "2", "--export", f"ALL,TRANSPORT={transport}")
     check(slurm_cluster, tmp_path, done, transport=transport, world=4)

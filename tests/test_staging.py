@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import on_ranks
 from pcpp_runtime import ParallelConfig
 from pcpp_runtime.config import ConfigError
 from pcpp_runtime.jobs import JobSpec
@@ -78,14 +77,14 @@ def test_coalesce_bytes_is_checked() -> None:
 
 
 @pytest.mark.parametrize("world, policy", [(2, "partial"), (3, "full")])
-def test_coalescing_changes_no_number_and_no_byte(tiny_sd_path, world, policy) -> None:
+def test_coalescing_changes_no_number_and_no_byte(tiny_sd, world, policy) -> None:
     """The same generation with one transport message per layer message and with batches of at
     least 4 KiB: bit-identical latents, the same bytes, fewer transport messages."""
     spec = JobSpec(steps=5, guidance_scale=5.0, seed=3)
     runs = {}
     for coalesce in (0, 4096):
         config = ParallelConfig(policy=policy, portion=0.3, warmup_steps=2, coalesce_bytes=coalesce)
-        latents, wrapped = on_ranks(tiny_sd_path, world, config, spec, 64, 48)
+        latents, wrapped = tiny_sd.on_ranks(world, config, spec, 64, 48)
         counters = [w.denoiser.transport.counters for w in wrapped]
         runs[coalesce] = (latents, [c.payload_received for c in counters], [c.messages_received for c in counters])
     (plain, plain_bytes, plain_msgs), (batched, batched_bytes, batched_msgs) = runs[0], runs[4096]

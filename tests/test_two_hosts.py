@@ -19,25 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from launch_jobs import JOB_ARGS, JOB_TIMEOUT_S, PCPP, check_job, job_env, kill_tree, tail
 from netns_fixture import netns_pair, ns_pair, throttle, unthrottle  # noqa: F401 - ns_pair is a fixture
-from test_launchers_e2e import (
-    JOB_ARGS,
-    JOB_TIMEOUT_S,
-    PCPP,
-    check_job,
-    job_env,
-    kill_tree,
-    no_leftovers,  # noqa: F401 - a fixture
-    one_worker_reference,
-    tail,
-)
 
 MASTER_PORT = 29511  # each namespace has a network stack of its own: every port is free there
-
-
-@pytest.fixture(scope="module")
-def reference(ns_pair):  # noqa: F811 - after ns_pair: no reference made where the module is skipped
-    return one_worker_reference()
 
 
 def run_two_hosts(pair, transport: str, folder: Path, timeout: float = JOB_TIMEOUT_S) -> None:
@@ -70,7 +55,7 @@ def run_two_hosts(pair, transport: str, folder: Path, timeout: float = JOB_TIMEO
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("transport", ["zmq", "torch"])
-def test_one_rank_per_namespace(transport, ns_pair, reference, tmp_path, no_leftovers):  # noqa: F811
+def test_one_rank_per_namespace(transport, ns_pair, one_worker_png, tmp_path, no_leftovers):  # noqa: F811
     run_two_hosts(ns_pair, transport, tmp_path)
     check_job(tmp_path, transport=transport, world_size=2, log=tmp_path / "rank0.log")
 

@@ -41,9 +41,15 @@ def mpiexec_path() -> str | None:
 
 
 def skip_without_mpiexec(transport: str) -> None:
-    """Skip the calling test if it runs ``transport`` ``mpi`` and there is no ``mpiexec``."""
-    if transport == "mpi" and mpiexec_path() is None:
-        pytest.skip("mpiexec not found")
+    """Fail the calling test if it runs ``transport`` ``mpi`` and there is no ``mpiexec``: on
+    Linux ``pip install -e '.[test]'`` installs MPICH's (the ``mpich`` wheel), so a missing one is
+    a broken install, not something to skip. Elsewhere, where that wheel does not exist, skip."""
+    if transport != "mpi" or mpiexec_path() is not None:
+        return
+    where = f"next to {sys.executable} or on PATH"
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"no mpiexec {where}; the mpich wheel is Linux-only: install an MPI with mpiexec")
+    pytest.fail(f"no mpiexec {where}: pip install -e '.[test]' installs it (the mpich wheel)", pytrace=False)
 
 
 @dataclasses.dataclass
