@@ -35,24 +35,13 @@ class AppliedPlan:
         while self._undo:
             self._undo.pop()()
 
-    def drain(self) -> None:
-        for layer in self.layers:
-            layer.drain()
-
-    def abandon(self) -> None:
-        for layer in self.layers:
-            layer.abandon()
-
-    def stale_buffer_bytes(self) -> dict[str, int]:
-        """Bytes of stale-context receive buffers, by layer kind."""
-        out: dict[str, int] = {}
-        for layer in self.layers:
-            out[layer.kind] = out.get(layer.kind, 0) + layer.stale_buffer_bytes
-        return out
-
 
 def apply_plan(model: nn.Module, plan: ModelPlan, runtime: RankRuntime) -> AppliedPlan:
-    """Replace every module the plan names with its strip-local layer (weights are shared)."""
+    """Replace every module the plan names with its strip-local layer (weights are shared).
+
+    In eager mode a forward hook after each displaced layer lets the stale context send what the
+    layer wrote as soon as it is written (:meth:`~pcpp_runtime.context.StaleContext.after_layer`):
+    a hook between layers, outside any layer's own forward."""
     layers: list[DisplacedLayer] = []
     undo: list[Callable[[], None]] = []
     applied = AppliedPlan(layers, undo)
@@ -65,10 +54,14 @@ def apply_plan(model: nn.Module, plan: ModelPlan, runtime: RankRuntime) -> Appli
                 previous = original.processor
                 original.set_processor(layer)
                 undo.append(lambda module=original, proc=previous: module.set_processor(proc))
+                module = original
             else:
-                layer = _MODULE_LAYERS[rule.kind](original, layer_id, rule.path, runtime)
+                layer = module = _MODULE_LAYERS[rule.kind](original, layer_id, rule.path, runtime)
                 model.set_submodule(rule.path, layer)
                 undo.append(lambda path=rule.path, module=original: model.set_submodule(path, module))
+            if runtime.context.eager_posting:
+                hook = module.register_forward_hook(lambda *_, layer_id=layer_id: runtime.context.after_layer(layer_id))
+                undo.append(hook.remove)
             layers.append(layer)
         if plan.strip_forward is not None:
             _install_forward(model, plan, undo)

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from .config import CUDA_GRAPH_MODES
 from .launch.local import CPU_BIND_MODES
 
 __all__ = ["main"]
@@ -71,6 +72,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="send the unconditional and conditional halves of the guidance batch to two groups of ranks "
         "(even world size), each splitting its half into strips",
+    )
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="run the strip forward of displaced steps through torch.compile(fullgraph=True), with BACKEND (default: "
+        "torch's, inductor); the first displaced step pays the compile time",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        choices=CUDA_GRAPH_MODES,
+        default="auto",
+        help="replay each phase of a step from a CUDA graph: not available yet, so on is refused; auto (default) and "
+        "off run eager",
     )
     g.add_argument("--nproc", type=_positive_int, default=None, help="number of workers to start here")
     g.add_argument(
@@ -224,7 +241,15 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             weights=args.weights,
             cfg_split=args.cfg_parallel,
             timeout_s=args.timeout,
+            compile=args.compile,
+            cuda_graphs=args.cuda_graphs,
         )
+        if args.cuda_graphs == "on":  # refused before any compute, with what to use instead
+            import torch
+
+            from .config import check_cuda_graphs
+
+            check_cuda_graphs(args.cuda_graphs, torch.cuda.is_available())
         spec = JobSpec(
             model=args.model,
             prompt=args.prompt,

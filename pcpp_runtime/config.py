@@ -7,7 +7,10 @@ import hashlib
 import json
 import math
 
-__all__ = ["ConfigError", "ParallelConfig"]
+__all__ = ["CUDA_GRAPH_MODES", "ConfigError", "ParallelConfig", "check_cuda_graphs"]
+
+#: values of ``ParallelConfig.cuda_graphs`` (``--cuda-graphs``)
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -30,7 +33,14 @@ class ParallelConfig:
         timeout_s: the timeout of every blocking wait on a peer, in seconds.
         coalesce_bytes: the next step's context to one peer is sent in batches of at least this
             many bytes (and what is left when the step ends) instead of one transport message per
-            layer (:mod:`pcpp_runtime.staging`); 0 sends every layer's message on its own.
+            layer (:mod:`pcpp_runtime.context`); 0 sends every layer's message on its own.
+        compile: run the strip forward of displaced steps through ``torch.compile(fullgraph=True)``
+            (synchronous steps stay eager; messages are then sent after the forward, not between
+            layers): ``True`` with torch's default backend (inductor), or a backend's name
+            (``"aot_eager"`` traces and runs the same graph without generating kernels).
+        cuda_graphs: ``on``, ``off`` or ``auto``: replay each phase of a step from a CUDA graph.
+            Not available yet: ``on`` is refused (on a machine without CUDA as a usage error
+            before any compute), ``auto`` and ``off`` run eager.
     """
 
     policy: str = "partial"
@@ -41,6 +51,8 @@ class ParallelConfig:
     cfg_split: bool = False
     timeout_s: float = 300.0
     coalesce_bytes: int = 256 * 1024
+    compile: bool | str = False
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         from . import registry  # late: the registry imports the built-in plugins
@@ -68,6 +80,10 @@ class ParallelConfig:
             raise ConfigError(
                 f"coalesce_bytes must be an integer >= 0 (0: one message per layer), got {self.coalesce_bytes!r}"
             )
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise ConfigError(f"compile must be True, False or a torch.compile backend's name, got {self.compile!r}")
+        if self.cuda_graphs not in CUDA_GRAPH_MODES:
+            raise ConfigError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}, got {self.cuda_graphs!r}")
         policy = registry.policies.get(self.policy)(self)
         if policy.uses_stale_context and self.warmup_steps < 1:
             raise ConfigError(
@@ -107,3 +123,18 @@ class ParallelConfig:
     def fingerprint(self) -> str:
         """A short hash of the configuration, for handshakes between ranks of one job."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_cuda_graphs(mode: str, cuda_available: bool) -> None:
+    """Refuse ``cuda_graphs="on"``, before any compute: replaying steps from CUDA graphs is not
+    available in this version, and without CUDA there is nothing to capture. ``auto`` means eager."""
+    if mode != "on":
+        return
+    if not cuda_available:
+        raise ConfigError(
+            "--cuda-graphs on needs CUDA, and this machine has no CUDA device: use --cuda-graphs auto or off (eager)"
+        )
+    raise ConfigError(
+        "--cuda-graphs on: capturing steps in CUDA graphs is not available in this version; use --cuda-graphs auto "
+        "(eager) or --compile"
+    )

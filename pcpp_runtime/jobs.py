@@ -272,8 +272,11 @@ def run(
     ``FileNotFoundError``); :class:`~pcpp_runtime.ranks.RankFailed` names a rank that could not
     connect or failed while generating.
     """
+    from .config import check_cuda_graphs
     from .parallel import parallelize
     from .pipelines import call_pipeline, check_shape, decode_image, image_size, load_pipeline
+
+    check_cuda_graphs(config.cuda_graphs, torch.cuda.is_available())
 
     def prepare(place: RankPlace):
         if pipelines is not None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .apply import AppliedPlan, apply_plan
-from .config import ParallelConfig
+from .config import ParallelConfig, check_cuda_graphs
 from .models.plans import ModelPlan, plan_for
 from .runtime import RankRuntime
 from .transports.base import Transport
@@ -60,6 +60,7 @@ class ParallelDenoiser:
         self.transport = transport
         self.config = config or ParallelConfig()
         self.config.check_world_size(transport.world_size)
+        check_cuda_graphs(self.config.cuda_graphs, torch.cuda.is_available())
         self.plan = plan or plan_for(model)
         # CFG parallel: ranks [0, N/2) take the first half of the batch (unconditional), the rest
         # the second; each half is split into strips inside its group.
@@ -76,6 +77,7 @@ class ParallelDenoiser:
         self._in_generation = False
         self._broken: str | None = None
         self._applied: AppliedPlan | None = None
+        self._plan_forward: Any = None  # the plan's instance forward under the compiled one
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._out_buffers: list[torch.Tensor] = []
         if transport.world_size > 1:
@@ -87,6 +89,8 @@ class ParallelDenoiser:
             return
         if self.runtime.world_size > 1:
             self._applied = apply_plan(self.model, self.plan, self.runtime)
+            if self.config.compile:
+                self._compile_displaced_forward()
         self._hooks = [
             self.model.register_forward_pre_hook(self._before, with_kwargs=True),
             self.model.register_forward_hook(self._after, with_kwargs=True),
@@ -97,9 +101,30 @@ class ParallelDenoiser:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if "forward" in vars(self.model) and getattr(self.model.forward, "pcpp_compiled", False):
+            del self.model.forward  # the compiled path; the plan's own forward (if any) is undone next
+            if self._plan_forward is not None:
+                self.model.forward = self._plan_forward
         if self._applied is not None:
             self._applied.remove()
             self._applied = None
+
+    def _compile_displaced_forward(self) -> None:
+        """Route the model's calls at displaced steps through ``torch.compile(forward,
+        fullgraph=True)``: an instance attribute ``forward`` that picks the compiled or the eager
+        forward per step (synchronous steps exchange fresh context from inside the layers, so they
+        stay eager). The choice itself runs outside the compiled region."""
+        eager = self.model.forward  # the plan's strip-aware forward where it installs one
+        self._plan_forward = vars(self.model).get("forward")
+        backend = "inductor" if self.config.compile is True else self.config.compile
+        compiled = torch.compile(eager, fullgraph=True, dynamic=False, backend=backend)
+        runtime = self.runtime
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return eager(*args, **kwargs) if runtime.synchronous else compiled(*args, **kwargs)
+
+        forward.pcpp_compiled = True  # type: ignore[attr-defined]
+        self.model.forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -112,10 +137,7 @@ class ParallelDenoiser:
 
     def finish(self) -> None:
         """End the current generation: every posted message completes."""
-        if self._applied is not None:
-            self._applied.drain()
-        if self.runtime.staged is not None:
-            self.runtime.staged.drain()
+        self.runtime.context.drain()
         self._in_generation = False
         self.runtime.step = 0
 
@@ -125,16 +147,14 @@ class ParallelDenoiser:
         Messages of that generation may still be in flight and would be taken for the next
         one's, so this denoiser refuses further calls: reconnect the transport and wrap again.
         """
-        if self._applied is not None:
-            self._applied.abandon()
-        if self.runtime.staged is not None:
-            self.runtime.staged.abandon()
+        self.runtime.context.abandon()
         self._in_generation = False
         self.runtime.step = 0
         self._broken = reason
 
     def stale_buffer_bytes(self) -> dict[str, int]:
-        return self._applied.stale_buffer_bytes() if self._applied is not None else {}
+        """Bytes of this rank's buffers of other ranks' stale context, by kind."""
+        return self.runtime.context.stale_buffer_bytes()
 
     def _generation_steps(self) -> int:
         if self._num_steps is not None:
@@ -177,6 +197,8 @@ class ParallelDenoiser:
             self._in_generation = True
             self._register_outputs(sample)
         runtime.full_input = sample
+        runtime.enter_step()
+        runtime.context.before_step(runtime.step, displaced=not runtime.synchronous)  # waits happen here, not in the layers
         start, end = runtime.bounds
         strip = sample[:, :, start:end]
         if args:
@@ -217,7 +239,8 @@ class ParallelDenoiser:
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         runtime = self.runtime
-        runtime.end_step_messages()  # the next step's context leaves before this rank waits below
+        # the next step's context leaves (and its receives are posted) before this rank waits below
+        runtime.context.after_step(runtime.next_step_displaced, runtime.displaced_steps)
         strip = output[0] if isinstance(output, tuple) else output.sample
         if strip.dtype != self._out_buffers[0].dtype:
             self._out_buffers = [b.to(strip.dtype) for b in self._out_buffers]

@@ -6,8 +6,8 @@ is and whether it is synchronous, the rank's strip at the layer's resolution, an
 message (which also records its bytes). Nothing here is global: two wrapped models in one
 process have two runtimes.
 
-Message tags: ``layer_id * 16 + channel``; layer 0 is the output gather and the batches of
-coalesced stale context (:mod:`pcpp_runtime.staging`).
+Message tags: ``layer_id * 16 + channel``; layer 0's channels tag the messages of stale context
+between steps (:mod:`pcpp_runtime.context`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from .accounting import ByteLedger
 from .config import ParallelConfig
 from .partition import PatchPlan, make_partitioner
-from .staging import StagedMessages
+from .context import StaleContext
 from .transports.base import Transport, TransportError, Work
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class Channel:
     HALO_FROM_BELOW = 1
     KV = 2
     NORM = 3
-    STAGED = 4  # layer 0 only: a batch of coalesced stale-context messages
+    STALE = 4  # layer 0 only: messages of stale context (halo rows, keys and values)
+    STALE_NORM = 5  # layer 0 only: messages of group-norm statistics tables
     SYNC_HALO_FROM_ABOVE = 8
     SYNC_HALO_FROM_BELOW = 9
 
@@ -68,14 +69,22 @@ class RankRuntime:
         self.plan: PatchPlan | None = None
         self.step = 0
         self.num_steps = 0
+        #: whether the current step runs with fresh context from every rank, and whether the next
+        #: step reads context that this step must write: plain attributes set by :meth:`enter_step`
+        #: (a compiled forward sees the same values at every steady displaced step)
+        self.synchronous = True
+        self.next_step_displaced = False
         self.batch_key: tuple | None = None
         self.full_input: torch.Tensor | None = None
         self.ledger = ByteLedger()
         self.generation = 0
-        #: the next step's context goes through here when ``config.coalesce_bytes`` > 0
-        self.staged: StagedMessages | None = None
-        if config.coalesce_bytes > 0 and transport.world_size > 1:
-            self.staged = StagedMessages(transport, config.coalesce_bytes, make_tag(0, Channel.STAGED))
+        #: steps of the current generation that read stale context
+        self.displaced_steps: list[int] = []
+        #: the buffers and messages of stale context between steps
+        self.context = StaleContext(
+            transport, self.ledger, config.coalesce_bytes, (make_tag(0, Channel.STALE), make_tag(0, Channel.STALE_NORM)),
+            eager_posting=not config.compile,  # a compiled forward runs no hooks between layers
+        )
 
     # ------------------------------------------------------------------ planning
     def make_plan(self, height: int, width: int) -> PatchPlan:
@@ -87,14 +96,15 @@ class RankRuntime:
         if num_steps < 1:
             raise ValueError(f"a generation needs at least one denoiser call, got num_steps={num_steps}")
         height, width = int(sample_shape[-2]), int(sample_shape[-1])
-        plan = self.make_plan(height, width)
         key = (tuple(sample_shape), num_steps)
-        if key != self.batch_key:
-            self.batch_key = key
-            self.generation += 1  # layers re-register their buffers for the new shape
-        self.plan = plan
         self.num_steps = num_steps
         self.step = 0
+        if key != self.batch_key:
+            self.plan = self.make_plan(height, width)
+            self.batch_key = key
+            self.generation += 1  # layers re-register their buffers for the new shape
+            self.displaced_steps = [s for s in range(num_steps) if not self.is_synchronous(s)]
+            self.context.begin_generation()
         self.ledger.clear()
 
     @property
@@ -105,20 +115,11 @@ class RankRuntime:
     def is_synchronous(self, step: int) -> bool:
         return step < self.config.warmup_steps or self.policy.synchronous(step, self.num_steps)
 
-    @property
-    def synchronous(self) -> bool:
-        """Whether the current step runs with fresh context from every rank."""
-        return self.is_synchronous(self.step)
-
-    @property
-    def next_step_displaced(self) -> bool:
-        """Whether the next step reads context that this step must send now."""
+    def enter_step(self) -> None:
+        """Set :attr:`synchronous` and :attr:`next_step_displaced` for the current step."""
         nxt = self.step + 1
-        return nxt < self.num_steps and not self.is_synchronous(nxt)
-
-    def displaced_step_list(self) -> list[int]:
-        """Steps of this generation that read stale context (used to size buffers once)."""
-        return [s for s in range(self.num_steps) if not self.is_synchronous(s)]
+        self.synchronous = self.is_synchronous(self.step)
+        self.next_step_displaced = nxt < self.num_steps and not self.is_synchronous(nxt)
 
     def level_factor(self, local_rows: int) -> int:
         """How many latent rows one row at a layer's resolution covers, from the strip height
@@ -153,30 +154,6 @@ class RankRuntime:
         """Post a receive for ``step``'s compute, recording its bytes."""
         self.ledger.add_received(step, kind, buf.numel() * buf.element_size())
         return self.transport.irecv(buf, src, tag)
-
-    def post_stale_send(self, buf: torch.Tensor, dst: int, tag: int, kind: str, where: str) -> Work:
-        """Post a send of context for the *next* step, recording its bytes. Coalesced with the
-        step's other such messages to ``dst`` when ``config.coalesce_bytes`` > 0 (``buf`` must
-        then stay unchanged until the step ends; the returned handle completes when it ends)."""
-        step = self.step + 1
-        self.ledger.add_sent(step, kind, buf.numel() * buf.element_size())
-        if self.staged is None:
-            return self.transport.isend(buf, dst, tag)
-        return self.staged.send(buf, dst, where)
-
-    def post_stale_recv(self, buf: torch.Tensor, src: int, tag: int, kind: str, where: str) -> Work:
-        """Post a receive of the next step's context, recording its bytes (coalesced like
-        :meth:`post_stale_send`; every rank posts these in the same order as its peers send)."""
-        step = self.step + 1
-        self.ledger.add_received(step, kind, buf.numel() * buf.element_size())
-        if self.staged is None:
-            return self.transport.irecv(buf, src, tag)
-        return self.staged.recv(buf, src, where)
-
-    def end_step_messages(self) -> None:
-        """The step's compute is done: send what is still queued for the next step."""
-        if self.staged is not None:
-            self.staged.flush()
 
     def all_gather(
         self, outputs: list[torch.Tensor], input: torch.Tensor, kind: str, where: str, transport: Transport | None = None

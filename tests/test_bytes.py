@@ -79,4 +79,4 @@ def test_partial_sends_a_quarter_of_full_attention_bytes_on_four_ranks(tiny_sd):
         print(f"rank {rank}: KV bytes per step full {kv_full:.0f}, partial(0.3) {kv_partial:.0f}")
         assert kv_partial <= 0.25 * kv_full
         # buffers sized by what is asked for: stale KV memory shrinks too
-        assert partial[rank].denoiser.stale_buffer_bytes()["self_attention"] < full[rank].denoiser.stale_buffer_bytes()["self_attention"]
+        assert partial[rank].denoiser.stale_buffer_bytes()["attention_kv"] < full[rank].denoiser.stale_buffer_bytes()["attention_kv"]

@@ -121,11 +121,11 @@ def test_a_failed_generation_stops_every_rank_and_refuses_reuse(tiny_sd):
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("world", [2, 3])
 def test_strip_group_norm_statistics_combine_to_the_whole_image_norm(affine, world):
-    """Each strip's statistics, combined as StripGroupNorm combines them (weighted by strip rows),
+    """Each strip's sums, combined as StripGroupNorm combines every rank's row of its table,
     and its normalization give nn.GroupNorm of the whole image, row for row, also for an input
     that is not contiguous (a token sequence transposed to channels-first, as attention blocks
     pass it)."""
-    from pcpp_runtime.layers.group_norm import StripGroupNorm, _combine_statistics, _strip_statistics
+    from pcpp_runtime.layers.group_norm import StripGroupNorm, channel_moments, strip_sums
 
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(4, 16, affine=affine)
@@ -136,8 +136,11 @@ def test_strip_group_norm_statistics_combine_to_the_whole_image_norm(affine, wor
     expected = norm(whole)
     cuts = [round(i * 12 / world) for i in range(world + 1)]
     strips = [whole[:, :, a:b] for a, b in zip(cuts, cuts[1:])]
-    stats = torch.stack([_strip_statistics(s, 4) for s in strips])  # (N, B, G, 2)
-    mean, var = _combine_statistics(stats, torch.tensor([(b - a) / 12 for a, b in zip(cuts, cuts[1:])]))
+    table = torch.empty(world, 2 * 2 * 4)  # (N, 2 * B * G): each rank's row
+    for rank, strip in enumerate(strips):
+        strip_sums(strip, 4, table[rank])
+    per_group = 16 // 4 * 12 * 10  # elements of one group over the whole image
+    mean, var = channel_moments(table, torch.full((world,), 1.0 / per_group), (2, 2, 4, 4))
     layer = StripGroupNorm(norm, 0, "test", runtime=None)
     for strip, a, b in zip(strips, cuts, cuts[1:]):
         torch.testing.assert_close(layer._normalize(strip, mean, var), expected[:, :, a:b], rtol=1e-5, atol=1e-5)

@@ -7,9 +7,10 @@ this rank's fresh ones plus, per the policy:
 * synchronous step: every rank's fresh keys and values (an all-gather), so the result equals one
   device;
 * displaced step: the rows the policy asks for (:meth:`ConditioningPolicy.attention_rows`) of
-  other ranks' keys and values from the previous step. Each rank sends each peer only the rows
-  that peer's request names -- for ``partial(p)`` about ``p`` of a neighbour strip, never the
-  whole strip cut after receipt.
+  other ranks' keys and values from the previous step, read from the stale context
+  (:mod:`pcpp_runtime.context`). Each rank sends each peer only the rows that peer's request
+  names -- for ``partial(p)`` about ``p`` of a neighbour strip, never the whole strip cut after
+  receipt.
 
 Keys and values travel together as one ``(B, tokens, 2, inner_dim)`` message. The context is
 assembled in global row order, so with all rows present it matches one device token for token.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from ..policies import AttentionLayerView
 from ..runtime import Channel, RankRuntime
-from .base import DisplacedLayer, FlatBuffer
+from .base import DisplacedLayer
 
 __all__ = ["StripSelfAttention"]
 
@@ -43,8 +44,7 @@ class StripSelfAttention(DisplacedLayer):
 
     def __init__(self, layer_id: int, path: str, runtime: RankRuntime) -> None:
         super().__init__(layer_id, path, runtime)
-        self._recv: dict[int, FlatBuffer] = {}
-        self._send: dict[int, FlatBuffer] = {}
+        self.width = 0  # tokens per row at this layer's resolution (set on registration)
 
     # ------------------------------------------------------------------ policy requests
     def _view(self, rank: int, bounds, width: int) -> AttentionLayerView:
@@ -64,24 +64,27 @@ class StripSelfAttention(DisplacedLayer):
         return request
 
     def _register(self, batch: int, inner: int, bounds, width: int, dtype, device) -> None:
+        """Declare, for every displaced step, the rows of keys and values this rank receives from
+        each peer its policy names, and the rows of its own that each peer asks for; each message
+        is ``(B, rows * W, 2, inner)`` (keys and values interleaved), its rows the ``meta``."""
         runtime = self.runtime
         me = runtime.rank
-        recv_rows: dict[int, int] = {}
-        send_rows: dict[int, int] = {}
-        for step in runtime.displaced_step_list():
-            for peer, (first, end) in self._request(me, step, bounds, width).items():
-                recv_rows[peer] = max(recv_rows.get(peer, 0), end - first)
+        context = runtime.context
+        receives: dict[int, dict[int, tuple[int, int]]] = {}  # peer -> step -> rows of the peer's strip
+        sends: dict[int, dict[int, tuple[int, int]]] = {}  # peer -> step -> rows of this rank's strip
+        for step in runtime.displaced_steps:
+            for peer, rows in self._request(me, step, bounds, width).items():
+                receives.setdefault(peer, {})[step] = rows
             for peer in range(runtime.world_size):
                 if peer != me:
                     wanted = self._request(peer, step, bounds, width).get(me)
                     if wanted is not None:
-                        send_rows[peer] = max(send_rows.get(peer, 0), wanted[1] - wanted[0])
-        per_row = batch * width * 2 * inner
-        self._recv = {peer: FlatBuffer(rows * per_row, dtype, device) for peer, rows in recv_rows.items()}
-        self._send = {peer: FlatBuffer(rows * per_row, dtype, device) for peer, rows in send_rows.items()}
-        self.stale_buffer_bytes = sum(b.nbytes for b in self._recv.values())
-        self._pending_recv.clear()
-        self._pending_send.clear()
+                        sends.setdefault(peer, {})[step] = wanted
+        for peer, table, send in [(p, t, False) for p, t in sorted(receives.items())] + [(p, t, True) for p, t in sorted(sends.items())]:
+            shapes = {step: (batch, (end - first) * width, 2, inner) for step, (first, end) in table.items()}
+            context.declare(self.layer_id, Channel.KV, peer, send=send, shapes=shapes, kind="attention_kv",
+                            dtype=dtype, device=device, meta=table)
+        self.width = width
         self.mark_registered()
 
     # ------------------------------------------------------------------ context
@@ -90,77 +93,58 @@ class StripSelfAttention(DisplacedLayer):
         row order, from this rank's own ``(B, L, inner)``."""
         runtime = self.runtime
         me = runtime.rank
-        batch, tokens, inner = key_own.shape
-        factor = runtime.level_factor_from_tokens(tokens)
-        bounds = runtime.plan.level_bounds(factor)
-        width = runtime.plan.width // factor
         if self.needs_registration():
-            self._register(batch, inner, bounds, width, key_own.dtype, key_own.device)
-
-        # Same posting order on every rank (fresh exchange, next step's sends, next step's
-        # receives), for transports that match messages by order alone (NCCL).
-        post_next = runtime.next_step_displaced
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, values) per strip, in row order
+            batch, tokens, inner = key_own.shape
+            factor = runtime.level_factor_from_tokens(tokens)
+            self._register(batch, inner, runtime.plan.level_bounds(factor), runtime.plan.width // factor,
+                           key_own.dtype, key_own.device)
         if runtime.synchronous:
-            kv_own = torch.stack([key_own, value_own], dim=2)  # (B, L, 2, inner): one message
-            gathered = [
-                kv_own.new_empty(batch, (end - start) * width, 2, inner) if r != me else kv_own
-                for r, (start, end) in enumerate(bounds)
-            ]
-            runtime.all_gather(gathered, kv_own, "attention_kv", self.where("gathering keys and values"))
-            parts = [(key_own, value_own) if r == me else (g[:, :, 0], g[:, :, 1]) for r, g in enumerate(gathered)]
-            if post_next:
-                self._post_sends(key_own, value_own, bounds, width)
+            parts = self._gather_fresh(key_own, value_own)
+            if runtime.next_step_displaced:
+                self._write_outgoing(key_own, value_own)
         else:
-            if post_next:  # this step's keys and values travel while this step computes
-                self._post_sends(key_own, value_own, bounds, width)
-            self.wait_received()
-            request = self._request(me, runtime.step, bounds, width)
-            for peer in sorted(set(request) | {me}):
-                if peer == me:
+            context = runtime.context
+            parts = []  # (keys, values) per strip, in row order
+            for rank in range(runtime.world_size):
+                if rank == me:
                     parts.append((key_own, value_own))
-                else:
-                    first, end = request[peer]
-                    received = self._recv[peer].view((batch, (end - first) * width, 2, inner))
+                    continue
+                received = context.stale(self.layer_id, Channel.KV, rank)  # (B, rows * W, 2, inner)
+                if received is not None:
                     parts.append((received[:, :, 0], received[:, :, 1]))
-        if len(parts) > 1:
-            # one copy each, straight into the (B, L_context, inner) layout of the stock processor's
-            # to_k/to_v outputs: attention over the interleaved (.., 2, inner) rows ran 10-13 %
-            # slower on the CPU (4096 keys, one thread)
-            key = torch.cat([k for k, _ in parts], dim=1)
-            value = torch.cat([v for _, v in parts], dim=1)
-        else:
-            key, value = key_own, value_own
-        if post_next:
-            self._post_recvs(batch, inner, bounds, width)
-        return key, value
+            self._write_outgoing(key_own, value_own)  # also at the last step: harmless, one graph for every displaced step
+        if len(parts) == 1:
+            return key_own, value_own
+        # one copy each, straight into the (B, L_context, inner) layout of the stock processor's
+        # to_k/to_v outputs: attention over the interleaved (.., 2, inner) rows ran 10-13 %
+        # slower on the CPU (4096 keys, one thread)
+        return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
-    def _post_sends(self, key_own: torch.Tensor, value_own: torch.Tensor, bounds, width: int) -> None:
+    def _gather_fresh(self, key_own: torch.Tensor, value_own: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A synchronous step: every rank's fresh keys and values (one all-gather)."""
         runtime = self.runtime
-        me = runtime.rank
-        step = runtime.step + 1
-        where = self.where("sending keys and values")
-        self.wait_sent()
         batch, _, inner = key_own.shape
-        for peer in range(runtime.world_size):
-            if peer == me:
-                continue
-            wanted = self._request(peer, step, bounds, width).get(me)
-            if wanted is None:
-                continue
-            first, end = wanted
-            buf = self._send[peer].view((batch, (end - first) * width, 2, inner))
-            buf[:, :, 0].copy_(key_own[:, first * width : end * width])
-            buf[:, :, 1].copy_(value_own[:, first * width : end * width])
-            self._pending_send.append(runtime.post_stale_send(buf, peer, self.tag(Channel.KV), "attention_kv", where))
+        kv_own = torch.stack([key_own, value_own], dim=2)  # (B, L, 2, inner): one message
+        bounds = runtime.plan.level_bounds(runtime.plan.width // self.width)
+        gathered = [
+            kv_own.new_empty(batch, (end - start) * self.width, 2, inner) if r != runtime.rank else kv_own
+            for r, (start, end) in enumerate(bounds)
+        ]
+        runtime.all_gather(gathered, kv_own, "attention_kv", self.where("gathering keys and values"))
+        return [(key_own, value_own) if r == runtime.rank else (g[:, :, 0], g[:, :, 1]) for r, g in enumerate(gathered)]
 
-    def _post_recvs(self, batch: int, inner: int, bounds, width: int) -> None:
-        runtime = self.runtime
-        step = runtime.step + 1
-        where = self.where("receiving keys and values")
-        for peer, (first, end) in sorted(self._request(runtime.rank, step, bounds, width).items()):
-            buf = self._recv[peer].view((batch, (end - first) * width, 2, inner))
-            self._pending_recv.append(runtime.post_stale_recv(buf, peer, self.tag(Channel.KV), "attention_kv", where))
+    def _write_outgoing(self, key_own: torch.Tensor, value_own: torch.Tensor) -> None:
+        """The rows of this step's keys and values each peer asks for, into the next step's stale
+        context: one stack per peer, straight into its slice."""
+        context = self.runtime.context
+        width = self.width
+        for peer in range(self.runtime.world_size):
+            if peer == self.runtime.rank:
+                continue
+            out = context.outgoing(self.layer_id, Channel.KV, peer)
+            if out is not None:
+                first, end = context.outgoing_meta(self.layer_id, Channel.KV, peer)
+                torch.stack([key_own[:, first * width : end * width], value_own[:, first * width : end * width]], dim=2, out=out)
 
     # ------------------------------------------------------------------ processor
     def __call__(

@@ -6,8 +6,8 @@ below it (strips start on multiples of s). The strip is padded with those rows -
 image edge, as the original zero padding -- and convolved with no vertical padding.
 
 * :class:`HaloConv2d` gets the rows from the neighbours: fresh and blocking at synchronous steps;
-  at displaced steps the rows sent during the previous step, while this step's rows are sent for
-  the next one (the exchange overlaps a whole step of compute).
+  at displaced steps the rows sent during the previous step, read from the stale context
+  (:mod:`pcpp_runtime.context`), while this step's rows are written there for the next one.
 * :class:`FirstConv2d` (``conv_in``, whose input is the latent every rank holds) cuts them from
   the full input: exact, no communication.
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import Channel, RankRuntime
-from .base import DisplacedModule, FlatBuffer
+from .base import DisplacedModule
 
 __all__ = ["FirstConv2d", "HaloConv2d", "halo_rows"]
 
@@ -72,97 +72,84 @@ class FirstConv2d(_StripConv):
 
 
 class HaloConv2d(_StripConv):
-    """A k x k convolution whose halo rows come from the neighbouring ranks."""
+    """A k x k convolution whose halo rows come from the neighbouring ranks.
+
+    Registered on its first call of a generation: the stale rows it sends each neighbour and
+    receives from it at every displaced step (:class:`~pcpp_runtime.context.StaleContext`), the
+    zero rows of the image edge, and the receive buffers of the fresh (synchronous) exchange.
+    """
 
     def _register(self, x: torch.Tensor) -> None:
+        runtime = self.runtime
         batch, channels, _, width = x.shape
-        make = lambda rows: FlatBuffer(batch * channels * rows * width, x.dtype, x.device)  # noqa: E731
-        self.recv_above = make(self.above)  # the rank above's last `above` rows
-        self.recv_below = make(self.below)  # the rank below's first `below` rows
-        self.send_up = make(self.below)  # my first rows, for the rank above
-        self.send_down = make(self.above)  # my last rows, for the rank below
-        self.zeros_above = x.new_zeros(batch, channels, self.above, width)
-        self.zeros_below = x.new_zeros(batch, channels, self.below, width)
-        self.stale_buffer_bytes = self.recv_above.nbytes + self.recv_below.nbytes
-        self._pending_recv.clear()
-        self._pending_send.clear()
+        self.shape_above = (batch, channels, self.above, width)  # rows the rank above sends down
+        self.shape_below = (batch, channels, self.below, width)  # rows the rank below sends up
+        above_rank, below_rank = runtime.plan.neighbours(runtime.rank)
+        # (peer, channel, shape) of each message: the rows a neighbour needs, and the rows it gives
+        self.sends = []
+        self.receives = []
+        if above_rank is not None:
+            if self.below > 0:  # my first rows are the bottom halo of the rank above
+                self.sends.append((above_rank, Channel.HALO_FROM_BELOW, self.shape_below, slice(0, self.below)))
+            if self.above > 0:
+                self.receives.append((above_rank, Channel.HALO_FROM_ABOVE, self.shape_above))
+        if below_rank is not None:
+            if self.above > 0:  # my last rows are the top halo of the rank below
+                self.sends.append((below_rank, Channel.HALO_FROM_ABOVE, self.shape_above, slice(-self.above, None)))
+            if self.below > 0:
+                self.receives.append((below_rank, Channel.HALO_FROM_BELOW, self.shape_below))
+        steps = runtime.displaced_steps
+        context = runtime.context
+        for peer, channel, shape, _ in self.sends:
+            context.declare(self.layer_id, channel, peer, send=True, shapes={s: shape for s in steps}, kind="halo",
+                            dtype=x.dtype, device=x.device)
+        for peer, channel, shape in self.receives:
+            context.declare(self.layer_id, channel, peer, send=False, shapes={s: shape for s in steps}, kind="halo",
+                            dtype=x.dtype, device=x.device)
+        self.above_rank = above_rank if self.above > 0 else None
+        self.below_rank = below_rank if self.below > 0 else None
+        self.zeros_above = x.new_zeros(self.shape_above)
+        self.zeros_below = x.new_zeros(self.shape_below)
+        self.fresh_above = x.new_empty(self.shape_above)  # fresh rows of a synchronous step
+        self.fresh_below = x.new_empty(self.shape_below)
         self.mark_registered()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.needs_registration():
             self._register(x)
         runtime = self.runtime
-        above_rank, below_rank = runtime.plan.neighbours(runtime.rank)
-        batch, channels, rows, width = x.shape
-        if rows < max(self.above, self.below):
-            raise RuntimeError(f"{self.path}: strip of {rows} rows is thinner than the halo the convolution needs")
-        shape_above = (batch, channels, self.above, width)
-        shape_below = (batch, channels, self.below, width)
-        has_above = above_rank is not None and self.above > 0
-        has_below = below_rank is not None and self.below > 0
-
-        # Posting order is the same on every rank (fresh exchange, then next step's sends, then
-        # next step's receives), so transports that match messages by order alone (NCCL) pair
-        # them right.
-        post_next = runtime.next_step_displaced
+        if x.shape[2] < max(self.above, self.below):
+            raise RuntimeError(f"{self.path}: strip of {x.shape[2]} rows is thinner than the halo the convolution needs")
         if runtime.synchronous:
-            top, bottom = self._exchange_fresh(x, above_rank, below_rank, shape_above, shape_below)
-            if post_next:
-                self._post_sends(x, above_rank, below_rank, shape_above, shape_below)
+            top, bottom = self._exchange_fresh(x)
+            if runtime.next_step_displaced:
+                self._write_outgoing(x)
         else:
-            if post_next:  # send this step's rows now: they travel while this step computes
-                self._post_sends(x, above_rank, below_rank, shape_above, shape_below)
-            self.wait_received()
-            top = self.recv_above.view(shape_above) if has_above else self.zeros_above
-            bottom = self.recv_below.view(shape_below) if has_below else self.zeros_below
-        out = self._convolve(top, x, bottom)
-        if post_next:  # the stale buffers are free again: receive into them for the next step
-            self._post_recvs(above_rank, below_rank, shape_above, shape_below)
-        return out
+            context = runtime.context
+            top = self.zeros_above if self.above_rank is None else context.stale(self.layer_id, Channel.HALO_FROM_ABOVE, self.above_rank)
+            bottom = self.zeros_below if self.below_rank is None else context.stale(self.layer_id, Channel.HALO_FROM_BELOW, self.below_rank)
+            self._write_outgoing(x)  # also at the last step: harmless, and the same graph every displaced step
+        return self._convolve(top, x, bottom)
 
-    def _exchange_fresh(self, x, above_rank, below_rank, shape_above, shape_below):
+    def _write_outgoing(self, x: torch.Tensor) -> None:
+        """This step's boundary rows, into the stale context of the next step."""
+        for peer, channel, _, rows in self.sends:
+            self.runtime.context.outgoing(self.layer_id, channel, peer).copy_(x[:, :, rows])
+
+    def _exchange_fresh(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A synchronous step: this step's rows from the neighbours, blocking."""
         runtime = self.runtime
         step = runtime.step
         works = []
-        top, bottom = self.zeros_above, self.zeros_below
-        # fresh halos use separate receive tensors so the stale buffers stay untouched
-        if above_rank is not None and self.above > 0:
-            top = x.new_empty(shape_above)
-            works.append(runtime.post_recv(top, above_rank, self.tag(Channel.SYNC_HALO_FROM_ABOVE), "halo", step))
-        if below_rank is not None and self.below > 0:
-            bottom = x.new_empty(shape_below)
-            works.append(runtime.post_recv(bottom, below_rank, self.tag(Channel.SYNC_HALO_FROM_BELOW), "halo", step))
-        up = x[:, :, : self.below].contiguous() if above_rank is not None and self.below > 0 else None
-        down = x[:, :, x.shape[2] - self.above :].contiguous() if below_rank is not None and self.above > 0 else None
-        if up is not None:
-            works.append(runtime.post_send(up, above_rank, self.tag(Channel.SYNC_HALO_FROM_BELOW), "halo", step))
-        if down is not None:
-            works.append(runtime.post_send(down, below_rank, self.tag(Channel.SYNC_HALO_FROM_ABOVE), "halo", step))
+        top = self.zeros_above if self.above_rank is None else self.fresh_above
+        bottom = self.zeros_below if self.below_rank is None else self.fresh_below
+        if self.above_rank is not None:
+            works.append(runtime.post_recv(top, self.above_rank, self.tag(Channel.SYNC_HALO_FROM_ABOVE), "halo", step))
+        if self.below_rank is not None:
+            works.append(runtime.post_recv(bottom, self.below_rank, self.tag(Channel.SYNC_HALO_FROM_BELOW), "halo", step))
+        fresh_tags = {Channel.HALO_FROM_BELOW: Channel.SYNC_HALO_FROM_BELOW, Channel.HALO_FROM_ABOVE: Channel.SYNC_HALO_FROM_ABOVE}
+        for peer, channel, _, rows in self.sends:
+            works.append(runtime.post_send(x[:, :, rows].contiguous(), peer, self.tag(fresh_tags[channel]), "halo", step))
         for work in works:
             runtime.wait(work, self.where("exchanging fresh halo rows"))
         return top, bottom
-
-    def _post_sends(self, x, above_rank, below_rank, shape_above, shape_below) -> None:
-        runtime = self.runtime
-        where = self.where("sending halo rows")
-        self.wait_sent()  # the send buffers still hold the previous step's rows until then
-        if above_rank is not None and self.below > 0:
-            up = self.send_up.view(shape_below)
-            up.copy_(x[:, :, : self.below])
-            self._pending_send.append(runtime.post_stale_send(up, above_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", where))
-        if below_rank is not None and self.above > 0:
-            down = self.send_down.view(shape_above)
-            down.copy_(x[:, :, x.shape[2] - self.above :])
-            self._pending_send.append(
-                runtime.post_stale_send(down, below_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", where)
-            )
-
-    def _post_recvs(self, above_rank, below_rank, shape_above, shape_below) -> None:
-        runtime = self.runtime
-        where = self.where("receiving halo rows")
-        if above_rank is not None and self.above > 0:
-            buf = self.recv_above.view(shape_above)
-            self._pending_recv.append(runtime.post_stale_recv(buf, above_rank, self.tag(Channel.HALO_FROM_ABOVE), "halo", where))
-        if below_rank is not None and self.below > 0:
-            buf = self.recv_below.view(shape_below)
-            self._pending_recv.append(runtime.post_stale_recv(buf, below_rank, self.tag(Channel.HALO_FROM_BELOW), "halo", where))
