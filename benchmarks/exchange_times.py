@@ -10,10 +10,11 @@ worker process only). Prints, per rank, one row per kind and one column per step
 
 * ``gather:<kind>`` -- blocking all-gathers: ``norm`` (group-norm statistics) and
   ``attention_kv`` at synchronous steps, ``output`` at the end of every step;
-* ``wait:<what>`` -- blocking waits (fresh halo rows at synchronous steps, the previous step's
-  context, send buffers to reuse);
-* ``post_send`` / ``post_recv`` -- posting the synchronous steps' messages; ``stale_send`` /
-  ``stale_recv`` -- posting the next step's context; ``flush`` -- its last batches at step end.
+* ``wait:<what>`` -- blocking waits inside the layers (fresh halo rows at synchronous steps);
+* ``stale:wait`` -- before a step, the wait for its stale context and for the previous step's sends;
+* ``post_send`` / ``post_recv`` -- posting the synchronous steps' messages; ``stale:post`` --
+  posting the next step's context between layers; ``stale:post_end`` -- what is left of it after
+  the forward (and, on a generation's first call, allocating the buffers).
   The column after the last step is the end of the generation (its posted messages drained).
 
 A blocking call's time is this rank's wait for the slower one plus the message's transit, so the
@@ -33,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rank_diagnostics
 
 _MARK = "@@exchange-times"
-_ENGINE_CALLS = {  # RankRuntime method -> how to name a call from its arguments
-    "wait": lambda args: "wait:" + args[1].split(" in ")[0],
-    "all_gather": lambda args: "gather:" + args[2],
-    "post_send": lambda args: "post_send",
-    "post_recv": lambda args: "post_recv",
-    "post_stale_send": lambda args: "stale_send",
-    "post_stale_recv": lambda args: "stale_recv",
-    "end_step_messages": lambda args: "flush",
+_ENGINE_CALLS = {  # (class, method) -> how to name a call from its arguments
+    ("RankRuntime", "wait"): lambda args: "wait:" + args[1].split(" in ")[0],
+    ("RankRuntime", "all_gather"): lambda args: "gather:" + args[2],
+    ("RankRuntime", "post_send"): lambda args: "post_send",
+    ("RankRuntime", "post_recv"): lambda args: "post_recv",
+    ("StaleContext", "before_step"): lambda args: "stale:wait",
+    ("StaleContext", "after_layer"): lambda args: "stale:post",
+    ("StaleContext", "after_step"): lambda args: "stale:post_end",
 }
 _ZMQ_CALLS = ("isend", "_send_frames", "irecv", "_drain_router", "_fill")
 
@@ -50,26 +51,30 @@ def _install_timers() -> None:
     totals when it exits."""
     import atexit
 
+    from pcpp_runtime.context import StaleContext
+    from pcpp_runtime.runtime import RankRuntime
     from pcpp_runtime.transports import zeromq
 
-    from pcpp_runtime.runtime import RankRuntime
+    classes = {"RankRuntime": RankRuntime, "StaleContext": StaleContext}
 
     per_step: dict[tuple[str, int], float] = collections.defaultdict(float)
     durations: dict[str, list[float]] = collections.defaultdict(list)
     seen = {"rank": None}
 
-    def engine_timer(name, label):
-        original = getattr(RankRuntime, name)
+    def engine_timer(cls, name, label):
+        original = getattr(cls, name)
 
         def timed(self, *args, **kwargs):
             start = time.perf_counter()
+            step = getattr(self, "step", getattr(self, "_step", -1))  # before_step's is its first argument
+            step = args[0] if name == "before_step" else step
             try:
                 return original(self, *args, **kwargs)
             finally:
-                per_step[(label(args), self.step)] += time.perf_counter() - start
+                per_step[(label(args), step)] += time.perf_counter() - start
                 seen["rank"] = self.rank
 
-        setattr(RankRuntime, name, timed)
+        setattr(cls, name, timed)
 
     def zmq_timer(name):
         original = getattr(zeromq.ZmqTransport, name)
@@ -83,8 +88,8 @@ def _install_timers() -> None:
 
         setattr(zeromq.ZmqTransport, name, timed)
 
-    for name, label in _ENGINE_CALLS.items():
-        engine_timer(name, label)
+    for (cls, name), label in _ENGINE_CALLS.items():
+        engine_timer(classes[cls], name, label)
     for name in _ZMQ_CALLS:
         zmq_timer(name)
 
