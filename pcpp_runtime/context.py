@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -72,7 +72,7 @@ class _Message:
 
     start: int  # element offsets in the stream's buffer
     end: int
-    last_layer: int  # sent (received into) once this layer is done
+    last_position: int  # sent (received into) once the layer at this position in the forward is done
     kinds: dict[str, int]  # bytes by ledger kind
 
 
@@ -96,7 +96,7 @@ class _Layout:
             offset += numel
             kinds[kind] = kinds.get(kind, 0) + numel * element_size
             if offset - start >= flush_elements:
-                self.messages.append(_Message(start, offset, key[0], kinds))
+                self.messages.append(_Message(start, offset, key[0], kinds))  # key[0]: the slice's position
                 start, kinds = offset, {}
         if offset > start:
             self.messages.append(_Message(start, offset, entries[-1][0][0], kinds))
@@ -186,11 +186,6 @@ class StaleContext:
         """New shapes: forget the buffers; the layers declare their slices again on their next call."""
         self.drain()
         self._reset()
-
-    @property
-    def registered(self) -> bool:
-        """Whether the buffers exist (after the first call of the generation)."""
-        return self._registered
 
     def declare(self, layer: int, channel: int, peer: int, *, send: bool, shapes: dict[int, tuple[int, ...]], kind: str,
                 dtype: torch.dtype, device: torch.device, meta: dict[int, Hashable] | None = None) -> None:
@@ -350,7 +345,7 @@ class StaleContext:
         tag = self.tags[1] if direction.startswith("norm") else self.tags[0]
         record = self.ledger.add_sent if sending else self.ledger.add_received
         for index, message in enumerate(layout.messages):
-            if upto is not None and message.last_layer > upto:
+            if upto is not None and message.last_position > upto:
                 break
             if (direction, peer, index) in self._posted:
                 continue
@@ -396,11 +391,3 @@ class StaleContext:
         if self._norm.slices and self.world_size > 1 and any(item.shapes for item in self._norm.slices.values()):
             out["norm"] = (self.world_size - 1) * sum(w for _, w in self._norm_columns.values()) * 4
         return out
-
-    def describe(self) -> dict[str, Any]:
-        """Messages per peer and direction at each displaced step (for tests and diagnostics)."""
-        return {
-            "send": {peer: {step: len(layout.messages) for step, layout in s.layouts.items()} for peer, s in self._send.items()},
-            "recv": {peer: {step: len(layout.messages) for step, layout in s.layouts.items()} for peer, s in self._recv.items()},
-            "norm": {step: len(layout.messages) for step, layout in self._norm.layouts.items()},
-        }
