@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .config import ParallelConfig
-from .jobs import SCHEMA_VERSION, JobResult, JobSpec, Threads, run
+from .jobs import SCHEMA_VERSION, JobResult, JobSpec, Threads
+from .jobs import run as run_job
 from .metrics import finite_or_none, psnr, ssim
 
 __all__ = ["GridResult", "PolicyRun", "grid_policies", "render_grid", "run_grid", "run_one_worker", "run_policy"]
@@ -119,13 +120,13 @@ def grid_policies(portion: float, warmup_steps: int, timeout_s: float) -> list[t
 
 def run_one_worker(pipe, spec: JobSpec) -> PolicyRun:
     """The reference: ``pipe`` on one worker (nothing attached: the stock pipeline)."""
-    return PolicyRun.of("1 worker", run(spec, ParallelConfig(), Threads(1), pipelines=[pipe], progress=False))
+    return PolicyRun.of("1 worker", run_job(spec, ParallelConfig(), Threads(1), pipelines=[pipe], progress=False))
 
 
 def run_policy(pipes: list, spec: JobSpec, world: int, config: ParallelConfig, label: str, reference: PolicyRun) -> PolicyRun:
     """``world`` thread ranks (``pipes[r]`` on rank ``r``) under ``config``, compared with
     ``reference``; the pipelines come back unwrapped, so they can be used again."""
-    result = run(spec, config, Threads(world), pipelines=pipes[:world], progress=False)
+    result = run_job(spec, config, Threads(world), pipelines=pipes[:world], progress=False)
     return PolicyRun.of(label, result, reference)
 
 
