@@ -176,8 +176,6 @@ def _on_launched(ranks: Launched, config: ParallelConfig, prepare, work, device:
         raise RankFailed(info.rank, ConnectError(f"could not connect over {ranks.transport}: {exc}")) from exc
     try:
         return _work_and_gather(transport, prepared, work)
-    except RankFailed:
-        raise
     except Exception as exc:  # noqa: BLE001 - named with its rank; the cause is kept
         raise RankFailed(info.rank, exc) from exc
     finally:

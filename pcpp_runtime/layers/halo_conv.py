@@ -26,6 +26,9 @@ from .base import DisplacedModule
 
 __all__ = ["FirstConv2d", "HaloConv2d", "halo_rows"]
 
+#: the channel of a synchronous step's fresh rows, for each stale halo channel
+_FRESH_CHANNEL = {Channel.HALO_FROM_BELOW: Channel.SYNC_HALO_FROM_BELOW, Channel.HALO_FROM_ABOVE: Channel.SYNC_HALO_FROM_ABOVE}
+
 
 def halo_rows(conv: nn.Conv2d) -> tuple[int, int]:
     """(rows needed above, rows needed below) a strip for ``conv``."""
@@ -147,9 +150,8 @@ class HaloConv2d(_StripConv):
             works.append(runtime.post_recv(top, self.above_rank, self.tag(Channel.SYNC_HALO_FROM_ABOVE), "halo", step))
         if self.below_rank is not None:
             works.append(runtime.post_recv(bottom, self.below_rank, self.tag(Channel.SYNC_HALO_FROM_BELOW), "halo", step))
-        fresh_tags = {Channel.HALO_FROM_BELOW: Channel.SYNC_HALO_FROM_BELOW, Channel.HALO_FROM_ABOVE: Channel.SYNC_HALO_FROM_ABOVE}
         for peer, channel, _, rows in self.sends:
-            works.append(runtime.post_send(x[:, :, rows].contiguous(), peer, self.tag(fresh_tags[channel]), "halo", step))
+            works.append(runtime.post_send(x[:, :, rows].contiguous(), peer, self.tag(_FRESH_CHANNEL[channel]), "halo", step))
         for work in works:
             runtime.wait(work, self.where("exchanging fresh halo rows"))
         return top, bottom
